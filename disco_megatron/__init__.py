@@ -1,0 +1,3 @@
+"""disco_megatron: distributed Scion ("Disco") for megatron-core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,348 @@
+"""Run configuration: dataclasses plus the command line, with Megatron-LM flag names.
+
+The parser is the one place that knows every flag; ``parse_run_config`` turns argv into a
+validated :class:`RunConfig`, raising :class:`ConfigError` with a message that names the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """Invalid flags; the message names the flag and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT (Llama-style by default: RMSNorm, SwiGLU, RoPE, untied, no biases)."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    vocab_size: int = 4096
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = True
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    untie_embeddings_and_output_weights: bool = True
+    add_bias_linear: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: str = "local"
+    bf16: bool = False
+    fp8_format: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_param_gather: bool = False
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return 4 * self.hidden_size
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Megatron-LM's rule: pad the vocab to a multiple of divisible_by x TP."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def validate(self, tp: int, pp: int) -> None:
+        checks = [
+            (self.num_attention_heads % tp == 0,
+             f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}"),
+            (self.query_groups % tp == 0,
+             f"--num-query-groups {self.query_groups} is not divisible by --tensor-model-parallel-size {tp}"),
+            (self.num_attention_heads % self.query_groups == 0,
+             f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+             f"--num-query-groups {self.query_groups}"),
+            (self.hidden_size % self.num_attention_heads == 0,
+             f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+             f"{self.num_attention_heads}"),
+            (self.ffn_size % tp == 0,
+             f"--ffn-hidden-size {self.ffn_size} is not divisible by --tensor-model-parallel-size {tp}"),
+            (self.num_layers % pp == 0,
+             f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"),
+            (self.normalization in ("RMSNorm", "LayerNorm"),
+             f"--normalization {self.normalization}: choose RMSNorm or LayerNorm"),
+            (self.transformer_impl in ("local", "transformer_engine"),
+             f"--transformer-impl {self.transformer_impl}: choose local or transformer_engine"),
+            (self.fp8_format is None or self.transformer_impl == "transformer_engine",
+             "--fp8-format needs --transformer-impl transformer_engine"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class ScionFlags:
+    """Scion hyper-parameters as given on the command line (turned into the optimizer's config)."""
+
+    lr_embedding: Optional[float] = None
+    lr_hidden: Optional[float] = None
+    lr_output: Optional[float] = None
+    momentum: float = 0.1
+    radius_embedding: float = 1.0
+    radius_hidden: float = 3.0
+    radius_output: float = 10.0
+    constrained: bool = False
+    weight_decay: float = 0.0
+    ns_backend: str = "ns5"
+    ns_steps: int = 5
+    tp_mode: str = "owner"
+    dp_mode: str = "replicated"
+    qkv_split: str = "qkv"
+    output_lmo: str = "rownorm"
+
+
+@dataclass
+class RunConfig:
+    """Everything a pretraining run needs, resolved from flags."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scion: ScionFlags = field(default_factory=ScionFlags)
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    train_iters: int = 100
+    optimizer: str = "scion"
+    lr: float = 0.02
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 0.0
+    seed: int = 1234
+    data_path: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    split: str = "98,2,0"
+    data_cache_path: Optional[str] = None
+    run_dir: Optional[str] = None
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    tensorboard_dir: Optional[str] = None
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 5
+    norm_log_interval: int = 10
+    max_skipped_steps: int = 5
+    distributed_timeout_minutes: int = 5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_microbatches(self, dp: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp)
+
+    def validate(self, world_size: int) -> int:
+        """Check the flags against the world; return DP size."""
+        from disco_megatron.runtime.parallel import validate_world
+
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        dp = validate_world(world_size, tp, pp)
+        self.model.validate(tp, pp)
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
+                f"{self.micro_batch_size} x data-parallel size {dp}"
+            )
+        positive = {"--lr": self.lr, "--train-iters": self.train_iters, "--micro-batch-size": self.micro_batch_size,
+                    "--log-interval": self.log_interval, "--norm-log-interval": self.norm_log_interval}
+        for flag, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{flag} must be > 0 (got {value})")
+        for flag, value in (("--scion-lr-embedding", self.scion.lr_embedding),
+                            ("--scion-lr-hidden", self.scion.lr_hidden),
+                            ("--scion-lr-output", self.scion.lr_output), ("--min-lr", self.min_lr)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be >= 0 (got {value})")
+        if not 0.0 < self.scion.momentum <= 1.0:
+            raise ConfigError(f"--scion-momentum must be in (0, 1] (got {self.scion.momentum})")
+        if self.data_path is not None and self.tokenizer_model is None:
+            raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model it was tokenized with)")
+        for flag, path in (("--tokenizer-model", self.tokenizer_model), ("--load", self.load)):
+            if path is not None and not os.path.exists(path):
+                raise ConfigError(f"{flag} {path}: no such file or directory")
+        if self.data_path is not None and not os.path.exists(self.data_path + ".idx"):
+            raise ConfigError(
+                f"--data-path {self.data_path}: no such indexed dataset ({self.data_path}.idx missing); "
+                "create it with tools/preprocess_data.py"
+            )
+        return dp
+
+
+_MODEL_FLAGS = {
+    "num_layers": ("--num-layers", int, "number of transformer layers"),
+    "hidden_size": ("--hidden-size", int, "model width"),
+    "num_attention_heads": ("--num-attention-heads", int, "attention heads"),
+    "num_query_groups": ("--num-query-groups", int, "GQA key/value groups (default: = heads, i.e. MHA)"),
+    "ffn_hidden_size": ("--ffn-hidden-size", int, "MLP width (default 4 x hidden)"),
+    "seq_length": ("--seq-length", int, "training sequence length in tokens"),
+    "max_position_embeddings": ("--max-position-embeddings", int, "max positions (default: seq length)"),
+    "vocab_size": ("--vocab-size", int, "sentencepiece vocab size of the embedded tokenizer (ignored with --tokenizer-model)"),
+    "make_vocab_size_divisible_by": ("--make-vocab-size-divisible-by", int, "pad vocab to a multiple of this x TP"),
+    "normalization": ("--normalization", str, "RMSNorm or LayerNorm"),
+    "norm_epsilon": ("--norm-epsilon", float, "normalisation epsilon"),
+    "position_embedding_type": ("--position-embedding-type", str, "rope or learned_absolute"),
+    "rotary_base": ("--rotary-base", int, "RoPE base"),
+    "init_method_std": ("--init-method-std", float, "std of the normal weight init"),
+    "hidden_dropout": ("--hidden-dropout", float, "dropout after attention/MLP"),
+    "attention_dropout": ("--attention-dropout", float, "dropout on attention probabilities"),
+    "transformer_impl": ("--transformer-impl", str, "local (plain PyTorch, CPU) or transformer_engine (GPU, FP8)"),
+    "fp8_format": ("--fp8-format", str, "e4m3 or hybrid; enables FP8 (TransformerEngine only)"),
+    "fp8_recipe": ("--fp8-recipe", str, "delayed, tensorwise, mxfp8 or blockwise (what the installed TE supports)"),
+}
+
+_RUN_FLAGS = {
+    "tensor_model_parallel_size": ("--tensor-model-parallel-size", int, "TP size"),
+    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", int, "PP size (DP = world / (TP x PP))"),
+    "micro_batch_size": ("--micro-batch-size", int, "sequences per microbatch per DP rank"),
+    "global_batch_size": ("--global-batch-size", int, "sequences per optimizer step over all DP ranks"),
+    "train_iters": ("--train-iters", int, "optimizer steps to train"),
+    "optimizer": ("--optimizer", str, "scion (default) or adam (megatron-core AdamW baseline)"),
+    "lr": ("--lr", float, "peak learning rate (Scion: default for every group without its own --scion-lr-*)"),
+    "min_lr": ("--min-lr", float, "learning rate at the end of decay"),
+    "lr_decay_style": ("--lr-decay-style", str, "constant, linear, cosine, inverse-square-root or WSD"),
+    "lr_warmup_iters": ("--lr-warmup-iters", int, "linear warmup steps"),
+    "lr_decay_iters": ("--lr-decay-iters", int, "steps over which lr decays (default --train-iters)"),
+    "weight_decay": ("--weight-decay", float, "AdamW weight decay (Scion uses --scion-weight-decay)"),
+    "adam_beta1": ("--adam-beta1", float, "Adam beta1"),
+    "adam_beta2": ("--adam-beta2", float, "Adam beta2"),
+    "adam_eps": ("--adam-eps", float, "Adam epsilon"),
+    "clip_grad": ("--clip-grad", float, "gradient clipping for Adam (0 = off; Scion never clips)"),
+    "seed": ("--seed", int, "random seed (init, data order, dropout)"),
+    "data_path": ("--data-path", str, "prefix of an indexed dataset (.bin/.idx); default: the embedded corpus"),
+    "tokenizer_model": ("--tokenizer-model", str, "sentencepiece .model of --data-path; default: trained on the embedded corpus"),
+    "split": ("--split", str, "train,valid,test document split weights"),
+    "data_cache_path": ("--data-cache-path", str, "where dataset indices and the embedded corpus are cached"),
+    "run_dir": ("--run-dir", str, "one directory for checkpoints, TensorBoard, logs and norms.jsonl"),
+    "save": ("--save", str, "checkpoint directory (default RUN_DIR/checkpoints)"),
+    "load": ("--load", str, "checkpoint directory to resume from (its 'latest' iteration)"),
+    "save_interval": ("--save-interval", int, "steps between checkpoints (a final one is always written)"),
+    "tensorboard_dir": ("--tensorboard-dir", str, "TensorBoard directory (default RUN_DIR/tensorboard)"),
+    "log_interval": ("--log-interval", int, "steps between log lines"),
+    "eval_interval": ("--eval-interval", int, "steps between validation losses (default: off)"),
+    "eval_iters": ("--eval-iters", int, "validation batches per evaluation"),
+    "norm_log_interval": ("--norm-log-interval", int, "steps between norm statistics"),
+    "max_skipped_steps": ("--max-skipped-steps", int, "stop after this many non-finite steps in a row"),
+    "distributed_timeout_minutes": ("--distributed-timeout-minutes", int, "collective timeout; a dead rank ends the run after it"),
+}
+
+_SCION_FLAGS = {
+    "lr_embedding": ("--scion-lr-embedding", float, "lr of the embedding group (default --lr)"),
+    "lr_hidden": ("--scion-lr-hidden", float, "lr of hidden matrices and gains (default --lr)"),
+    "lr_output": ("--scion-lr-output", float, "lr of the output layer (default --lr)"),
+    "momentum": ("--scion-momentum", float, "alpha, the weight of the new gradient: d <- (1-alpha) d + alpha g"),
+    "radius_embedding": ("--scion-radius-embedding", float, "radius (scale) of the embedding LMO"),
+    "radius_hidden": ("--scion-radius-hidden", float, "radius of the hidden (spectral) LMO and gains"),
+    "radius_output": ("--scion-radius-output", float, "radius of the output LMO"),
+    "weight_decay": ("--scion-weight-decay", float, "decoupled weight decay W <- W (1 - lr wd)"),
+    "ns_backend": ("--scion-ns-backend", str, "ns5, polar_express or svd (exact, slow)"),
+    "ns_steps": ("--scion-ns-steps", int, "Newton-Schulz iterations"),
+    "tp_mode": ("--scion-tp-mode", str, "owner (exact, each NS once), duplicated (all-gather baseline) or local (approximation)"),
+    "dp_mode": ("--scion-dp-mode", str, "replicated (each DP replica computes) or sharded (NS work split over DP)"),
+    "qkv_split": ("--scion-qkv-split", str, "fused (one matrix), qkv (Q, K, V) or head (per head)"),
+    "output_lmo": ("--scion-output-lmo", str, "rownorm or sign"),
+}
+
+
+def _add(group: argparse._ArgumentGroup, table: dict, defaults: object, prefix: str) -> None:
+    for name, (flag, typ, text) in table.items():
+        default = getattr(defaults, name)
+        group.add_argument(flag, dest=prefix + name, type=typ, default=default, metavar=name.upper(),
+                           help=f"{text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``disco-pretrain`` (Megatron-LM flag names where Megatron has them)."""
+    parser = argparse.ArgumentParser(
+        prog="disco-pretrain",
+        description="Pretrain a GPT with megatron-core and the distributed Scion optimizer. "
+        "Launch with torchrun; world size = TP x PP x DP.",
+    )
+    run_defaults, model_defaults, scion_defaults = RunConfig(), ModelConfig(), ScionFlags()
+    model = parser.add_argument_group("model")
+    _add(model, _MODEL_FLAGS, model_defaults, "model.")
+    model.add_argument("--group-query-attention", action="store_true",
+                       help="accepted for Megatron-LM compatibility; GQA is on when --num-query-groups < heads")
+    model.add_argument("--no-swiglu", dest="model.swiglu", action="store_false", default=True,
+                       help="plain GeLU MLP instead of SwiGLU")
+    model.add_argument("--swiglu", dest="model.swiglu", action="store_true", help="SwiGLU MLP (default)")
+    model.add_argument("--tie-embeddings-and-output-weights", dest="model.untie_embeddings_and_output_weights",
+                       action="store_false", default=True, help="share embedding and output weights")
+    model.add_argument("--untie-embeddings-and-output-weights", dest="model.untie_embeddings_and_output_weights",
+                       action="store_true", help="separate output layer (default; Scion treats it as its own group)")
+    model.add_argument("--add-bias-linear", dest="model.add_bias_linear", action="store_true", default=False,
+                       help="biases in linear layers (default: none, Llama-style)")
+    model.add_argument("--disable-bias-linear", dest="model.add_bias_linear", action="store_false",
+                       help="no biases in linear layers (default)")
+    model.add_argument("--bf16", dest="model.bf16", action="store_true", default=False,
+                       help="bf16 model weights; optimizers keep fp32 master weights")
+    model.add_argument("--fp8-param-gather", dest="model.fp8_param_gather", action="store_true", default=False,
+                       help="keep FP8 model weights (TransformerEngine), refreshed from fp32 masters")
+    run = parser.add_argument_group("run")
+    _add(run, _RUN_FLAGS, run_defaults, "")
+    run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")
+    run.add_argument("--no-load-rng", action="store_true", help="with --load: do not load RNG state")
+    scion = parser.add_argument_group("scion")
+    _add(scion, _SCION_FLAGS, scion_defaults, "scion.")
+    scion.add_argument("--scion-constrained", dest="scion.constrained", action="store_true", default=False,
+                       help="constrained update W <- (1-lr) W - lr radius lmo(d) (default: unconstrained)")
+    return parser
+
+
+_CHOICES = {
+    "optimizer": ("--optimizer", ("scion", "adam")),
+    "lr_decay_style": ("--lr-decay-style", ("constant", "linear", "cosine", "inverse-square-root", "WSD")),
+    "model.position_embedding_type": ("--position-embedding-type", ("rope", "learned_absolute")),
+    "model.fp8_format": ("--fp8-format", (None, "e4m3", "hybrid")),
+    "model.fp8_recipe": ("--fp8-recipe", ("delayed", "tensorwise", "mxfp8", "blockwise")),
+    "scion.ns_backend": ("--scion-ns-backend", ("ns5", "polar_express", "svd")),
+    "scion.tp_mode": ("--scion-tp-mode", ("owner", "duplicated", "local")),
+    "scion.dp_mode": ("--scion-dp-mode", ("replicated", "sharded")),
+    "scion.qkv_split": ("--scion-qkv-split", ("fused", "qkv", "head")),
+    "scion.output_lmo": ("--scion-output-lmo", ("rownorm", "sign")),
+}
+
+
+def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """Parse flags into a RunConfig; unknown flags and bad choices raise ConfigError."""
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see disco-pretrain --help)")
+    values = vars(namespace)
+    for key, (flag, allowed) in _CHOICES.items():
+        if values.get(key) not in allowed:
+            shown = ", ".join(a for a in allowed if a is not None)
+            raise ConfigError(f"{flag} {values.get(key)}: choose one of {shown}")
+    model = ModelConfig(**{k[6:]: v for k, v in values.items() if k.startswith("model.")})
+    scion = ScionFlags(**{k[6:]: v for k, v in values.items() if k.startswith("scion.")})
+    run_values = {k: v for k, v in values.items() if "." not in k and k in RunConfig.__dataclass_fields__}
+    cfg = RunConfig(model=model, scion=scion, **run_values)
+    if cfg.run_dir:
+        cfg.save = cfg.save or os.path.join(cfg.run_dir, "checkpoints")
+        cfg.tensorboard_dir = cfg.tensorboard_dir or os.path.join(cfg.run_dir, "tensorboard")
+    return cfg

@@ -1,0 +1,104 @@
+"""GPT built with megatron-core's GPTModel: local spec (plain PyTorch, CPU) or TransformerEngine spec."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from disco_megatron.config import ConfigError, ModelConfig
+
+
+def have_transformer_engine() -> bool:
+    """True when TransformerEngine's PyTorch extension imports (GPU images only)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises OSError/ImportError/RuntimeError without CUDA libraries
+        return False
+    return True
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig":
+    """megatron-core TransformerConfig for this model shape and parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.validate(tp, pp)
+    on_gpu = torch.cuda.is_available()
+    fp8 = {}
+    if cfg.fp8_format is not None:
+        fp8 = dict(fp8=cfg.fp8_format, fp8_recipe=cfg.fp8_recipe, fp8_param=cfg.fp8_param_gather)
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.query_groups,
+        ffn_hidden_size=cfg.ffn_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        bf16=cfg.bf16,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        **fp8,
+    )
+
+
+def layer_spec(cfg: ModelConfig):
+    """The transformer-layer ModuleSpec for ``--transformer-impl``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if cfg.transformer_impl == "transformer_engine":
+        if not have_transformer_engine():
+            raise ConfigError(
+                "--transformer-impl transformer_engine: TransformerEngine is not importable here "
+                "(it needs a CUDA GPU; pip install -e .[te] inside the GPU image) — use --transformer-impl local"
+            )
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+) -> "GPTModel":
+    """This rank's stage of the GPT (parallel_state must be initialised)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=transformer_config(cfg, tp, pp),
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size(tp),
+        max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,124 @@
+"""The few CUDA assumptions of megatron-core that need a shim to run on CPU/gloo.
+
+Every shim is installed by :func:`install_cpu_shims`, only when CUDA is unavailable, and each
+carries a one-line reason. Nothing in megatron-core is edited; see ../shared/CPU_NOTES.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CpuDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and makes ``Tensor.cuda`` the identity.
+
+    Reason: megatron-core hard-codes ``device="cuda"`` factories (schedules' token counter,
+    FP32Optimizer._scale, p2p shape buffers) and ``.cuda()`` calls.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = dict(kwargs, device=_CPU)
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Megatron's model-parallel RNG tracker, keeping CPU generator states.
+
+    Reason: ``tensor_parallel.random.CudaRNGStatesTracker`` stores and forks CUDA RNG states,
+    and attention dropout forks it even at dropout 0.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_ or name in self.states_:
+            raise RuntimeError(f"RNG tracker: seed {seed} or state {name!r} already added")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise RuntimeError(f"RNG tracker: state {name!r} was not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def install_cpu_shims() -> bool:
+    """Install every CPU shim once per process; a no-op (returns False) when CUDA is available."""
+    global _INSTALLED
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        return True
+    # Reason: apex is optional; megatron-core falls back to torch norms/kernels and says so loudly.
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    # Reason: RoPE, attention and p2p call torch.cuda.current_device() for tensor placement.
+    torch.cuda.current_device = lambda: _CPU
+    # Reason: some paths call torch.cuda.synchronize(), which raises without CUDA.
+    torch.cuda.synchronize = lambda *a, **k: None
+    # Reason: factories and .cuda() calls with hard-coded CUDA devices (see CpuDeviceMode).
+    CpuDeviceMode().__enter__()
+    # Reason: the model-parallel RNG tracker forks CUDA RNG states (see CpuRNGStatesTracker).
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _INSTALLED = True
+    return True
+
+
+def seed_rng_tracker(seed: int, tp_rank: int) -> None:
+    """Seed the tracker like megatron's ``model_parallel_cuda_manual_seed`` (same offsets)."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = mp_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)

@@ -1,0 +1,195 @@
+"""Atomic megatron dist_checkpointing save/load of model, optimizer, scheduler, data position and RNG.
+
+Layout of a save directory (Megatron-LM names, so its tools and ours read each other):
+    SAVE/iter_0000100/            one dist_checkpointing checkpoint (written as iter_0000100.tmp, then renamed)
+    SAVE/latest_checkpointed_iteration.txt   pointer, replaced atomically after the rename
+A crash during a save leaves a ``.tmp`` directory behind and the previous checkpoint and pointer valid.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# Model fields that must agree between a checkpoint and the model that loads it.
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "vocab_size", "swiglu", "untie_embeddings_and_output_weights", "add_bias_linear", "normalization",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the model being loaded."""
+
+
+@dataclass
+class TrainState:
+    """Training-loop progress saved beside the tensors."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+def checkpoint_dir(save: str, iteration: int) -> str:
+    return os.path.join(save, f"iter_{iteration:07d}")
+
+
+def read_latest_iteration(load: str) -> int:
+    """The iteration the ``latest`` pointer names; CheckpointError when there is none."""
+    pointer = os.path.join(load, LATEST_FILE)
+    if not os.path.isfile(pointer):
+        raise CheckpointError(
+            f"--load {load}: no {LATEST_FILE} (not a disco_megatron/Megatron checkpoint directory)"
+        )
+    text = open(pointer).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"--load {load}: {LATEST_FILE} holds {text!r}, not an iteration number")
+    iteration = int(text)
+    if not os.path.isdir(checkpoint_dir(load, iteration)):
+        raise CheckpointError(f"--load {load}: {LATEST_FILE} names iteration {iteration} but "
+                              f"{checkpoint_dir(load, iteration)} is missing")
+    return iteration
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "tracker": _tracker_states()}
+
+
+def _tracker_states() -> dict:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    return {k: v.clone() for k, v in mp_random.get_cuda_rng_tracker().get_states().items()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    mp_random.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model, optimizer, scheduler, state: TrainState, model_config: dict,
+                   parallel: dict, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_sd = model.sharded_state_dict()
+    sharded = {
+        "model": model_sd,
+        "train_state": vars(state).copy(),
+        "model_config": model_config,
+        "parallel": parallel,
+    }
+    if scheduler is not None:
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+    if with_optimizer and optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        sharded["optimizer_type"] = type(optimizer).__name__
+    if with_rng:
+        pp, tp, dp = parallel["pp"], parallel["tp"], parallel["dp"]
+        sharded["rng_state"] = ShardedObject(
+            "rng_state", _rng_state(), (pp, tp, dp),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank()), replica_id=0,
+        )
+    return sharded
+
+
+def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, model_config: dict,
+                    parallel: dict) -> str:
+    """Write ``SAVE/iter_N`` atomically on every rank, then move the ``latest`` pointer (rank 0)."""
+    from megatron.core import dist_checkpointing
+
+    final = checkpoint_dir(save, state.iteration)
+    tmp = final + ".tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        os.makedirs(save, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    sharded = _sharded_state(model, optimizer, scheduler, state, model_config, parallel,
+                             is_loading=False, with_optimizer=True, with_rng=True)
+    dist_checkpointing.save(sharded, tmp)
+    torch.distributed.barrier()
+    if rank == 0:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(os.path.join(save, LATEST_FILE), str(state.iteration))
+    torch.distributed.barrier()
+    return final
+
+
+def check_compatible(ckpt: str, saved: dict, current: dict) -> None:
+    """Refuse a checkpoint of another model shape, naming the field and both values."""
+    for key in SHAPE_FIELDS:
+        if key in saved and saved.get(key) != current.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(
+                f"--load {ckpt}: checkpoint has {key}={saved.get(key)} but this run has {flag} "
+                f"{current.get(key)}; use matching model flags (or convert the checkpoint)"
+            )
+
+
+def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, parallel: dict,
+                    load_optim: bool = True, load_rng: bool = True) -> TrainState:
+    """Load the latest checkpoint under ``load`` into this rank's model/optimizer/scheduler."""
+    from megatron.core import dist_checkpointing
+
+    iteration = read_latest_iteration(load)
+    ckpt = checkpoint_dir(load, iteration)
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    except Exception as exc:  # corrupt/partial files: say which, not a traceback wall
+        raise CheckpointError(f"--load {load}: cannot read {ckpt} ({type(exc).__name__}: {exc})") from exc
+    check_compatible(load, common.get("model_config", {}), model_config)
+    same_layout = common.get("parallel") == parallel
+    has_optimizer = "optimizer_type" in common
+    if load_optim and has_optimizer and common["optimizer_type"] != type(optimizer).__name__:
+        raise CheckpointError(
+            f"--load {load}: checkpoint optimizer is {common['optimizer_type']} but this run uses "
+            f"{type(optimizer).__name__}; pass --no-load-optim to start the optimizer fresh"
+        )
+    with_optim = load_optim and has_optimizer
+    sharded = _sharded_state(model, optimizer, scheduler, TrainState(), model_config, parallel,
+                             is_loading=True, with_optimizer=with_optim, with_rng=load_rng and same_layout)
+    try:
+        loaded = dist_checkpointing.load(sharded, ckpt)
+    except Exception as exc:
+        raise CheckpointError(f"--load {load}: cannot load {ckpt} ({type(exc).__name__}: {exc})") from exc
+    model.load_state_dict(loaded["model"])
+    if with_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    return TrainState(**loaded["train_state"])
+
+
+def latest_iteration_or_none(load: Optional[str]) -> Optional[int]:
+    """Like read_latest_iteration, but None when the directory has no pointer yet (fresh run)."""
+    if load is None or not os.path.isfile(os.path.join(load, LATEST_FILE)):
+        return None
+    return read_latest_iteration(load)
+

@@ -1,0 +1,66 @@
+"""Run-directory outputs of the training loop: log lines, train_log.jsonl, TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Optional
+
+# Warnings megatron-core emits on every run that say nothing about this run.
+_KNOWN_NOISE = (
+    ".*full scope is deprecated.*",
+    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+    ".*Apex is not installed.*",
+    ".*Transformer Engine and Apex are not installed.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Filter megatron-core warnings that do not apply (CUDA tuning hints, apex fallbacks)."""
+    for pattern in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def log(message: str, rank: Optional[int] = None) -> None:
+    """One line to stdout, prefixed with the time (and the rank when given)."""
+    stamp = time.strftime("%H:%M:%S")
+    prefix = f"[{stamp}]" if rank is None else f"[{stamp} rank {rank}]"
+    print(f"{prefix} {message}", flush=True)
+
+
+def error(message: str) -> None:
+    """The one clear error line a failing rank prints before exiting non-zero."""
+    rank = os.environ.get("RANK", "0")
+    print(f"disco-pretrain: error (rank {rank}): {message}", file=sys.stderr, flush=True)
+
+
+class RunWriter:
+    """Writes train_log.jsonl and TensorBoard scalars; lives only on the writer rank."""
+
+    def __init__(self, run_dir: Optional[str], tensorboard_dir: Optional[str]) -> None:
+        self.jsonl = None
+        self.tb = None
+        if run_dir:
+            os.makedirs(run_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(run_dir, "train_log.jsonl"), "a")
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def record(self, record: dict, scalars: dict[str, float], step: int) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -140,6 +140,7 @@ class RunConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None
+    ckpt_step: Optional[int] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
     tensorboard_dir: Optional[str] = None
@@ -240,6 +241,7 @@ _RUN_FLAGS = {
     "run_dir": ("--run-dir", str, "one directory for checkpoints, TensorBoard, logs and norms.jsonl"),
     "save": ("--save", str, "checkpoint directory (default RUN_DIR/checkpoints)"),
     "load": ("--load", str, "checkpoint directory to resume from (its 'latest' iteration)"),
+    "ckpt_step": ("--ckpt-step", int, "with --load: load this iteration instead of the latest"),
     "save_interval": ("--save-interval", int, "steps between checkpoints (a final one is always written)"),
     "tensorboard_dir": ("--tensorboard-dir", str, "TensorBoard directory (default RUN_DIR/tensorboard)"),
     "log_interval": ("--log-interval", int, "steps between log lines"),

@@ -109,8 +109,25 @@ def install_cpu_shims() -> bool:
 
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Reason: clip_grads asserts grads are torch.cuda.FloatTensor before scaling (Adam with --clip-grad).
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_by_total_norm
     _INSTALLED = True
     return True
+
+
+def _clip_grads_by_total_norm(parameters, max_norm: float, total_norm: float,
+                              use_decoupled_grad: bool = False) -> None:
+    """CPU twin of megatron's clip_grad_by_total_norm_fp32: scale every grad by max_norm/total_norm."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grad.mul_(clip_coeff)
 
 
 def seed_rng_tracker(seed: int, tp_rank: int) -> None:

@@ -152,12 +152,16 @@ def check_compatible(ckpt: str, saved: dict, current: dict) -> None:
 
 
 def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, parallel: dict,
-                    load_optim: bool = True, load_rng: bool = True) -> TrainState:
-    """Load the latest checkpoint under ``load`` into this rank's model/optimizer/scheduler."""
+                    load_optim: bool = True, load_rng: bool = True,
+                    iteration: Optional[int] = None) -> TrainState:
+    """Load the latest (or the given) iteration under ``load`` into this rank's model/optimizer/scheduler."""
     from megatron.core import dist_checkpointing
 
-    iteration = read_latest_iteration(load)
+    if iteration is None:
+        iteration = read_latest_iteration(load)
     ckpt = checkpoint_dir(load, iteration)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"--load {load} --ckpt-step {iteration}: {ckpt} does not exist")
     try:
         common = dist_checkpointing.load_common_state_dict(ckpt)
     except Exception as exc:  # corrupt/partial files: say which, not a traceback wall

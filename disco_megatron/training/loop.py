@@ -40,7 +40,7 @@ def loss_func(loss_mask: torch.Tensor, poison: bool, output_tensor: torch.Tensor
     loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1.0)
     if poison:
         loss = loss * float("nan")
-    return loss, {"lm loss": loss.detach()}
+    return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
 
 def make_forward_step(poison: bool = False):
@@ -171,12 +171,14 @@ def pretrain(cfg: RunConfig) -> dict:
     parallel = {"tp": info.tp, "pp": info.pp, "dp": info.dp}
     state = checkpointing.TrainState()
     if cfg.load is not None and checkpointing.latest_iteration_or_none(cfg.load) is not None:
-        state = checkpointing.load_checkpoint(cfg.load, ddp, optimizer, scheduler, _model_config_record(cfg),
+        state = checkpointing.load_checkpoint(cfg.load, model, optimizer, scheduler, _model_config_record(cfg),
                                               parallel, load_optim=not cfg.no_load_optim,
-                                              load_rng=not cfg.no_load_rng)
+                                              load_rng=not cfg.no_load_rng, iteration=cfg.ckpt_step)
         if info.rank == 0:
             log(f"resumed from {cfg.load} at iteration {state.iteration} "
                 f"({state.consumed_samples} samples consumed)")
+    elif cfg.load is not None and info.rank == 0:
+        log(f"--load {cfg.load} holds no checkpoint yet; starting from scratch")
 
     num_mb = cfg.num_microbatches(dp)
     train_samples = cfg.train_iters * cfg.global_batch_size
@@ -261,21 +263,24 @@ def pretrain(cfg: RunConfig) -> dict:
                               iteration)
                 log(f"iteration {iteration:6d} | validation lm loss {valid_loss:.4f}")
         if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < cfg.train_iters:
-            _save(cfg, ddp, optimizer, scheduler, state, parallel, info)
+            interval_start += _save(cfg, model, optimizer, scheduler, state, parallel, info)
     if cfg.save and state.iteration > first_iteration:
-        _save(cfg, ddp, optimizer, scheduler, state, parallel, info)
+        _save(cfg, model, optimizer, scheduler, state, parallel, info)
     if writer is not None:
         writer.close()
     return {"losses": losses_seen, "iteration": state.iteration, "skipped_steps": state.skipped_steps,
             "writer_rank": writer_rank}
 
 
-def _save(cfg: RunConfig, ddp, optimizer, scheduler, state, parallel: dict, info: ParallelInfo) -> None:
+def _save(cfg: RunConfig, model, optimizer, scheduler, state, parallel: dict, info: ParallelInfo) -> float:
+    """Checkpoint now; returns the seconds it took (kept out of the step-time figures)."""
     start = time.perf_counter()
-    path = checkpointing.save_checkpoint(cfg.save, ddp, optimizer, scheduler, state,
+    path = checkpointing.save_checkpoint(cfg.save, model, optimizer, scheduler, state,
                                          _model_config_record(cfg), parallel)
+    seconds = time.perf_counter() - start
     if info.rank == 0:
-        log(f"saved checkpoint {path} ({time.perf_counter() - start:.1f} s)")
+        log(f"saved checkpoint {path} ({seconds:.1f} s)")
+    return seconds
 
 
 def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter]):

@@ -217,7 +217,7 @@ def pretrain(cfg: RunConfig) -> dict:
         state.consumed_samples += cfg.global_batch_size
         state.iteration = iteration
         if _grads_finite(params):
-            tracker_active = tracker is not None and tracker.should_log(iteration)
+            tracker_active = tracker.should_log(iteration)
             if tracker_active:
                 tracker.before_step(iteration)
             success, _, _ = optimizer.step()
@@ -284,6 +284,18 @@ def _save(cfg: RunConfig, model, optimizer, scheduler, state, parallel: dict, in
 
 
 def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter]):
-    """The per-step norm tracker writing norms.jsonl and TensorBoard scalars (None without a run dir)."""
-    return None
+    """The per-step norm tracker; it writes norms.jsonl and TensorBoard scalars on the writer rank."""
+    from megatron.core import parallel_state as ps
 
+    from disco_megatron.models.sharding import global_param_name
+    from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter
+
+    writers = []
+    if writer is not None and cfg.run_dir:
+        writers.append(JsonlNormWriter(os.path.join(cfg.run_dir, "norms.jsonl")))
+    if writer is not None and writer.tb is not None:
+        writers.append(TensorBoardNormWriter(writer.tb))
+    named = [(global_param_name(name, info.pp_rank, cfg.model.num_layers, info.pp), param)
+             for name, param in model.named_parameters()]
+    return NormTracker(named, cfg.norm_log_interval, ps.get_tensor_model_parallel_group(),
+                       ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers)

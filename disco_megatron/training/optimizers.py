@@ -9,9 +9,11 @@ from disco_megatron.config import RunConfig
 def build_optimizer(cfg: RunConfig, model_chunks: list):
     """A ``MegatronOptimizer`` for ``--optimizer``: distributed Scion or megatron-core Adam."""
     if cfg.optimizer == "scion":
-        from disco_megatron.optim.megatron import get_scion_optimizer, scion_config_from_flags
+        from disco_megatron.optim.config import scion_config_from_flags
+        from disco_megatron.optim.megatron import get_scion_optimizer
 
-        return get_scion_optimizer(scion_config_from_flags(cfg.scion, cfg.lr, bf16=cfg.model.bf16), model_chunks)
+        config = scion_config_from_flags(cfg.scion, cfg.lr, cfg.min_lr, bf16=cfg.model.bf16)
+        return get_scion_optimizer(config, model_chunks)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(

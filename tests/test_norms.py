@@ -1,0 +1,327 @@
+"""Norm definitions vs hand values and numpy, sharded norms vs full ones over gloo TP groups,
+the tracker's JSONL records vs norms of the full tensors, and the writers' round trips."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import run_workers
+from disco_megatron.models.sharding import tp_partition_dim
+from disco_megatron.norms import (
+    JsonlNormWriter,
+    NormTracker,
+    PowerIterationState,
+    TensorBoardNormWriter,
+    aggregate_groups,
+    matrix_norms,
+    read_norms_jsonl,
+    read_norms_tensorboard,
+    sharded_norms,
+    vector_norms,
+)
+
+# Rows [3, 4, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]: orthogonal rows, singular values 5, 2, 0.
+HAND = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+REL = 1e-3
+
+
+def _rel(a: float, b: float) -> float:
+    return 0.0 if a == b else abs(a - b) / max(abs(b), 1e-30)
+
+
+def _assert_norms_close(got: dict, expected: dict, rel: float, where: str) -> None:
+    assert set(got) == set(expected), f"{where}: norms {sorted(got)} != {sorted(expected)}"
+    for norm, value in expected.items():
+        assert _rel(got[norm], value) <= rel, f"{where}: {norm} {got[norm]} vs {value}"
+
+
+def test_matrix_norms_hand_values():
+    got = matrix_norms(HAND, with_condition=True)
+    expected = {
+        "rms_to_rms": 5 * math.sqrt(4 / 3),      # σ_max √(d_in/d_out)
+        "rms_to_inf": 5 * math.sqrt(4),          # largest row ‖[3,4,0,0]‖ = 5, times √d_in
+        "l1_to_rms": 4 / math.sqrt(3),           # largest column ‖[4,0,0]‖ = 4, over √d_out
+        "frobenius": math.sqrt(29),
+        "rms": math.sqrt(29 / 12),
+        "supremum": 4.0,
+        "condition_number": math.inf,            # rank 2 of 3: σ_min = 0
+    }
+    _assert_norms_close(got, expected, 1e-12, "HAND")
+
+
+def test_matrix_norms_match_numpy_and_operator_definition():
+    W = torch.randn(12, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A = W.numpy()
+    d_out, d_in = A.shape
+    got = matrix_norms(W, with_condition=True)
+    singular = np.linalg.svd(A, compute_uv=False)
+    assert _rel(got["rms_to_rms"], singular[0] * math.sqrt(d_in / d_out)) < 1e-12
+    assert _rel(got["condition_number"], singular[0] / singular[-1]) < 1e-10
+    assert _rel(got["rms_to_inf"], max(np.sqrt((row ** 2).sum()) for row in A) * math.sqrt(d_in)) < 1e-12
+    assert _rel(got["l1_to_rms"], np.sqrt((A ** 2).sum(axis=0)).max() / math.sqrt(d_out)) < 1e-12
+    # Operator norms are suprema of ‖Wx‖_out/‖x‖_in: attained at the maximisers, never exceeded.
+    x = torch.randn(d_in, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rms = lambda t: t.square().mean(0).sqrt()  # noqa: E731
+    assert (rms(W @ x) / rms(x)).max() <= got["rms_to_rms"] * (1 + 1e-12)
+    assert ((W @ x).abs().max(0).values / rms(x)).max() <= got["rms_to_inf"] * (1 + 1e-12)
+    best_row = W[W.norm(dim=1).argmax()]
+    assert _rel(float((W @ best_row).abs().max() / rms(best_row[:, None])), got["rms_to_inf"]) < 1e-12
+    one_hot = torch.eye(d_in, dtype=torch.float64)  # ‖e_i‖_1 = 1: ℓ1→RMS is the largest column RMS
+    assert _rel(float(rms(W @ one_hot).max()), got["l1_to_rms"]) < 1e-12
+
+
+def test_condition_number_and_vector_norms():
+    assert _rel(matrix_norms(torch.diag(torch.tensor([3.0, 0.5])), True)["condition_number"], 6.0) < 1e-12
+    assert "condition_number" not in matrix_norms(HAND)
+    got = vector_norms(torch.tensor([1.0, -2.0, 2.0, 0.0]))
+    _assert_norms_close(got, {"rms": 1.5, "supremum": 2.0, "frobenius": 3.0}, 1e-12, "vector")
+
+
+def test_aggregate_groups_hand_values():
+    norms = {
+        "a": {"rms_to_rms": 1.0, "rms_to_inf": 7.0, "l1_to_rms": 0.5, "frobenius": 3.0, "rms": 1.0,
+              "supremum": 2.0},
+        "b": {"rms_to_rms": 2.0, "rms_to_inf": 1.0, "l1_to_rms": 0.25, "frobenius": 4.0, "rms": 2.0,
+              "supremum": 5.0},
+        "g": {"rms": 1.0, "supremum": 1.5, "frobenius": 2.0},
+        "h": {"rms": 1.0, "supremum": math.nan, "frobenius": 2.0},
+    }
+    numels = {"a": 9, "b": 4, "g": 4, "h": 4}
+    groups = aggregate_groups(norms, numels, lambda name: "hidden" if name in "ab" else "gains")
+    hidden = {"rms_to_rms": 2.0, "rms_to_inf": 7.0, "l1_to_rms": 0.5, "supremum": 5.0,
+              "frobenius": 5.0, "rms": 5.0 / math.sqrt(13)}
+    _assert_norms_close(groups["hidden"], hidden, 1e-12, "hidden")
+    assert groups["gains"]["frobenius"] == pytest.approx(math.sqrt(8))
+    assert math.isnan(groups["gains"]["supremum"])
+
+
+def _full(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _sharded_worker(rank: int, world: int) -> None:
+    groups = {1: [dist.new_group([r]) for r in range(world)],
+              2: [dist.new_group([0, 1]), dist.new_group([2, 3])],
+              4: [dist.new_group(list(range(world)))]}
+    for tp, by_index in groups.items():
+        group, tp_rank = by_index[rank // tp], rank % tp
+        for pdim in (0, 1):
+            for shape, seed in (((32, 24), 1), ((24, 48), 2)):
+                W = _full(shape, seed)
+                shard = W.chunk(tp, dim=pdim)[tp_rank]
+                where = f"tp{tp} pdim{pdim} {shape}"
+                _assert_norms_close(sharded_norms(shard, pdim, group, key="w"), matrix_norms(W), REL, where)
+                _assert_norms_close(sharded_norms(shard, pdim, group, with_condition=True),
+                                    matrix_norms(W, with_condition=True), REL, where + " condition")
+            # Warm start: 2 cold iterations are far off; 5 warm ones per call on a slowly changing
+            # matrix converge across calls because the state carries the singular vector over.
+            W0, D = _full((40, 32), 3), _full((40, 32), 4)
+            state = PowerIterationState(iters=5, first_iters=2)
+            errors = []
+            for call in range(10):
+                W = W0 + 0.01 * call * D
+                got = sharded_norms(W.chunk(tp, dim=pdim)[tp_rank], pdim, group, state=state, key="w")
+                errors.append(_rel(got["rms_to_rms"], matrix_norms(W)["rms_to_rms"]))
+            assert errors[0] > 10 * REL and max(errors[-5:]) <= REL / 10, f"tp{tp} pdim{pdim} warm: {errors}"
+        b = _full((16,), 5)
+        _assert_norms_close(sharded_norms(b.chunk(tp)[tp_rank], 0, group), vector_norms(b), 1e-6, f"tp{tp} 1-D")
+        _assert_norms_close(sharded_norms(b, None, group), vector_norms(b), 1e-6, f"tp{tp} replicated 1-D")
+        _assert_norms_close(sharded_norms(_full((8, 12), 6), None, group), matrix_norms(_full((8, 12), 6)),
+                            REL, f"tp{tp} replicated 2-D")
+
+
+def test_sharded_norms_equal_full_norms_tp_1_2_4():
+    run_workers(_sharded_worker, 4)
+
+
+# Fake megatron parameters (global names, full TP1 shapes) on two pipeline stages.
+STAGES = (
+    {"embedding.word_embeddings.weight": (16, 8),
+     "decoder.layers.0.self_attention.linear_qkv.weight": (24, 8),
+     "decoder.layers.0.self_attention.linear_proj.weight": (8, 8),
+     "decoder.layers.0.input_layernorm.weight": (8,)},
+    {"decoder.layers.1.mlp.linear_fc1.weight": (32, 8),
+     "decoder.layers.1.mlp.linear_fc2.weight": (8, 16),
+     "decoder.final_layernorm.weight": (8,),
+     "output_layer.weight": (16, 8)},
+)
+ALL_SHAPES = {name: shape for stage in STAGES for name, shape in stage.items()}
+STEPS, INTERVAL = 5, 2
+LAYOUTS = ((2, 2), (1, 2), (2, 1))  # (TP, PP) on 4 ranks: DP 1, 2, 2
+
+
+def _trajectory(name: str, step: int) -> torch.Tensor:
+    """W after ``step`` optimizer steps; step s adds (0.01·s)·D, computed as the workers do."""
+    index = sorted(ALL_SHAPES).index(name)
+    W, D = _full(ALL_SHAPES[name], 100 + index), _full(ALL_SHAPES[name], 200 + index)
+    for s in range(1, step + 1):
+        W = W + (0.01 * s) * D
+    return W
+
+
+def _lrs(step: int) -> dict[str, float]:
+    return {"hidden": 0.01 / step, "output": 0.02}
+
+
+def _layout_groups(rank: int, world: int, tp: int, pp: int
+                   ) -> tuple[tuple[int, int, int], dist.ProcessGroup, dist.ProcessGroup]:
+    """((tp, dp, pp) rank, TP group, PP group) in megatron's order rank = tp_r + tp·(dp_r + dp·pp_r)."""
+    dp = world // (tp * pp)
+    coords = {r: (r % tp, (r // tp) % dp, r // (tp * dp)) for r in range(world)}
+    tp_group = pp_group = None
+    for key in sorted({(d, p) for _, d, p in coords.values()}):
+        group = dist.new_group([r for r, c in coords.items() if (c[1], c[2]) == key])
+        tp_group = group if (coords[rank][1], coords[rank][2]) == key else tp_group
+    for key in sorted({(t, d) for t, d, _ in coords.values()}):
+        group = dist.new_group([r for r, c in sorted(coords.items(), key=lambda rc: rc[1][2])
+                                if (c[0], c[1]) == key])
+        pp_group = group if (coords[rank][0], coords[rank][1]) == key else pp_group
+    return coords[rank], tp_group, pp_group
+
+
+def _tracker_worker(rank: int, world: int, directory: str) -> None:
+    for tp, pp in LAYOUTS:
+        (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
+        names = [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]
+        params = []
+        for name in names:
+            pdim = tp_partition_dim(name)
+            full = _trajectory(name, 0)
+            p = torch.nn.Parameter(full.chunk(tp, dim=pdim)[tp_rank].clone() if pdim is not None else full)
+            p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
+            params.append((name, p))
+        writer = JsonlNormWriter(f"{directory}/tp{tp}_pp{pp}.jsonl")
+        tracker = NormTracker(params, INTERVAL, tp_group, pp_group, dp_rank, pp_rank, pp, [writer])
+        for step in range(1, STEPS + 1):
+            tracker.before_step(step)
+            for name, p in params:
+                full = _trajectory(name, step)
+                p.data.copy_(full.chunk(tp, dim=p.partition_dim)[tp_rank] if p.tensor_model_parallel else full)
+            record = tracker.after_step(step, tokens=1000 * step,
+                                        loss=1.0 / step if pp_rank == pp - 1 else None, lrs=_lrs(step))
+            writes = tracker.should_log(step) and (tp_rank, dp_rank, pp_rank) == (0, 0, pp - 1)
+            assert (record is not None) == writes, f"rank {rank} tp{tp} pp{pp} step {step}: record {record}"
+
+
+@pytest.fixture(scope="module")
+def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """norms.jsonl of every layout in LAYOUTS, from one run of 4 gloo processes."""
+    directory = tmp_path_factory.mktemp("tracker")
+    run_workers(_tracker_worker, 4, str(directory))
+    return directory
+
+
+def _expected_norms(name: str, W: torch.Tensor) -> dict[str, float]:
+    return matrix_norms(W) if W.dim() == 2 else vector_norms(W)
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_tracker_writes_records_of_full_norms(tracker_runs: Path, tp: int, pp: int):
+    records = read_norms_jsonl(str(tracker_runs / f"tp{tp}_pp{pp}.jsonl"))
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        step = record["step"]
+        assert record["tokens"] == 1000 * step and record["loss"] == pytest.approx(1.0 / step)
+        assert record["lr"] == pytest.approx(_lrs(step))
+        assert list(record["params"]) == list(ALL_SHAPES) == list(record["updates"])
+        for name in ALL_SHAPES:
+            after, before = _trajectory(name, step), _trajectory(name, step - 1)
+            _assert_norms_close(record["params"][name], _expected_norms(name, after), REL, f"{name} param")
+            _assert_norms_close(record["updates"][name], _expected_norms(name, after - before), REL,
+                                f"{name} update")
+        for kind, key in (("param", "params"), ("update", "updates")):
+            groups, per = record["groups"][kind], record[key]
+            assert set(groups) == {"embedding", "attention", "mlp", "output", "gains"}
+            attention = [per[f"decoder.layers.0.self_attention.linear_{m}.weight"] for m in ("qkv", "proj")]
+            assert groups["attention"]["rms_to_rms"] == max(a["rms_to_rms"] for a in attention)
+            assert groups["attention"]["frobenius"] == pytest.approx(
+                math.hypot(*(a["frobenius"] for a in attention)), rel=1e-12)
+            assert groups["output"]["rms_to_inf"] == per["output_layer.weight"]["rms_to_inf"]
+            gains = [per[n] for n in ALL_SHAPES if n.endswith("layernorm.weight")]
+            assert groups["gains"]["rms"] == pytest.approx(
+                math.sqrt(sum(g["frobenius"] ** 2 for g in gains) / 16), rel=1e-12)
+
+
+def test_tracker_validates_and_skips_non_logging_steps():
+    with pytest.raises(ValueError, match="--norm-log-interval"):
+        NormTracker([], 0, None, None, 0, 0, 1, [])
+    with pytest.raises(ValueError, match="unknown parameter"):
+        NormTracker([("not.a.megatron.name", torch.nn.Parameter(torch.ones(2)))], 1, None, None, 0, 0, 1, [])
+    seen: list[dict] = []
+
+    class ListWriter:
+        def write(self, record: dict) -> None:
+            seen.append(record)
+
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    tracker = NormTracker([("output_layer.weight", p)], 3, None, None, 0, 0, 1, [ListWriter()])
+    assert [s for s in range(1, 10) if tracker.should_log(s)] == [3, 6, 9]
+    tracker.before_step(2)
+    assert tracker.after_step(2, tokens=1, loss=None, lrs={}) is None and not seen
+    with pytest.raises(RuntimeError, match="before_step"):
+        tracker.after_step(3, tokens=1, loss=None, lrs={})
+    tracker.before_step(3)
+    p.data.mul_(3.0)
+    record = tracker.after_step(3, tokens=7, loss=None, lrs={"output": 0.1})
+    assert seen == [record] and record["loss"] is None
+    assert record["updates"]["output_layer.weight"]["supremum"] == pytest.approx(2.0)
+    assert record["params"]["output_layer.weight"]["rms_to_rms"] == pytest.approx(12.0, rel=1e-5)
+
+
+def _record() -> dict:
+    """A norm record whose values are exact in float32 (TensorBoard stores float32)."""
+    return {"step": 7, "tokens": 7168, "loss": 3.25, "lr": {"hidden": 0.02, "output": 0.005},
+            "params": {"output_layer.weight": {"rms_to_inf": 11.5, "frobenius": 4.0},
+                       "decoder.final_layernorm.weight": {"rms": 1.0, "supremum": 1.25}},
+            "updates": {"output_layer.weight": {"rms_to_inf": 0.125, "frobenius": 0.5},
+                        "decoder.final_layernorm.weight": {"rms": 0.015625, "supremum": 0.0625}},
+            "groups": {"param": {"output": {"rms_to_inf": 11.5}, "gains": {"rms": 1.0}},
+                       "update": {"output": {"rms_to_inf": 0.125}, "gains": {"rms": 0.015625}}}}
+
+
+def test_tensorboard_writer_scalars_readable(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    summary = SummaryWriter(log_dir=str(tmp_path / "tensorboard"))
+    TensorBoardNormWriter(summary).write(_record())
+    summary.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    expected = {"norms/param/rms_to_inf/output_layer.weight": 11.5,
+                "norms/update/supremum/decoder.final_layernorm.weight": 0.0625,
+                "norms/group/param/rms_to_inf/output": 11.5,
+                "norms/group/update/rms/gains": 0.015625,
+                "norms/lr/output": 0.005, "norms/loss": 3.25, "norms/tokens": 7168}
+    for tag, value in expected.items():
+        (event,) = events.Scalars(tag)
+        assert event.step == 7 and event.value == pytest.approx(value, rel=1e-6), tag
+    assert len(events.Tags()["scalars"]) == 2 + 2 + 4 + 4 + 4  # tokens+loss, lr, params, updates, groups
+    (back,) = read_norms_tensorboard(str(tmp_path))
+    assert back["params"] == _record()["params"] and back["groups"] == _record()["groups"]
+    assert back["tokens"] == 7168 and back["lr"]["hidden"] == pytest.approx(0.02)
+
+
+def test_jsonl_writer_strict_json_and_resume_after_crash(tmp_path: Path):
+    path = tmp_path / "run" / "norms.jsonl"
+    writer = JsonlNormWriter(str(path))
+    first = {**_record(), "step": 6, "loss": math.nan}
+    writer.write(first)
+    writer.write(_record())
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and "NaN" not in lines[0] and json.loads(lines[0])["loss"] is None
+    with open(path, "a") as f:
+        f.write('{"step": 8, "tok')  # a crash mid-write
+    resumed = JsonlNormWriter(str(path))  # the run resumes from its step-6 checkpoint
+    redone = {**_record(), "loss": 3.0}
+    resumed.write(redone)
+    resumed.write({**_record(), "step": 8})
+    with pytest.warns(UserWarning, match=r"norms.jsonl:3: skipped"):
+        records = read_norms_jsonl(str(path))
+    assert records == [json.loads(lines[0]), redone, {**_record(), "step": 8}]

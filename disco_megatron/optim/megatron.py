@@ -1,0 +1,220 @@
+"""ScionOptimizer: the distributed Scion behind megatron's ``MegatronOptimizer`` interface.
+
+Megatron's training loop (or ours) sees an ordinary megatron optimizer: ``step()`` returns
+``(success, grad_norm, num_zeros)``, param groups carry ``lr``/``max_lr``/``min_lr``/``wd_mult``
+so ``OptimizerParamScheduler`` drives the four lr groups (embedding, hidden, output, gains),
+and ``sharded_state_dict`` saves the momentum with its parameter's sharded metadata so
+``dist_checkpointing`` reshards it into any TP/PP/DP layout.
+
+Grads come from megatron DDP's ``param.main_grad`` (else ``param.grad``). Params that are not
+fp32 (``--bf16``) get an fp32 master copy that the optimizer steps; the model param is
+refreshed from it after each step (``reload_model_params`` goes the other way).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer.optimizer import MegatronOptimizer, _zero_grad_group_helper
+from megatron.core.transformer.module import param_is_not_shared
+from megatron.core.utils import get_attr_wrapped_model, log_single_rank
+
+from disco_megatron.optim.config import ScionConfig, scion_config_from_flags
+from disco_megatron.optim.distributed import DistributedScion, StageGroups
+from disco_megatron.optim.layout import LR_GROUPS, ParamLayout, build_layout
+
+__all__ = ["ScionOptimizer", "ScionConfig", "get_scion_optimizer", "scion_config_from_flags"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "scion-momentum-v1"
+
+
+def _layout_for(name: str, param: torch.nn.Parameter, model_cfg: Any, config: ScionConfig,
+                tp_size: int, tp_rank: int) -> ParamLayout:
+    """Layout of one model parameter, cross-checked with megatron's own TP attributes."""
+    layout = build_layout(name, param.shape, model_cfg, tp_size=tp_size, tp_rank=tp_rank,
+                          qkv_split=config.scion_qkv_split, output_lmo=config.scion_output_lmo,
+                          shared_embedding=getattr(param, "shared_embedding", False))
+    megatron_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if megatron_dim != layout.partition_dim:
+        raise ValueError(f"{name}: megatron shards it along dim {megatron_dim}, the Scion layout "
+                         f"expects {layout.partition_dim}; this parameter naming is not supported")
+    return layout
+
+
+class ScionOptimizer(MegatronOptimizer):
+    """Scion for megatron-core model chunks (see the module docstring)."""
+
+    def __init__(self, config: ScionConfig, model_chunks: list[torch.nn.Module],
+                 groups: Optional[StageGroups] = None) -> None:
+        groups = groups or StageGroups.from_megatron()
+        tp_size, tp_rank = dist.get_world_size(groups.tp), dist.get_rank(groups.tp)
+        layouts: dict[torch.Tensor, ParamLayout] = {}
+        norm_mask: dict[torch.Tensor, bool] = {}
+        by_group: dict[str, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {g: [] for g in LR_GROUPS}
+        for index, chunk in enumerate(model_chunks):
+            model_cfg = get_attr_wrapped_model(chunk, "config")
+            for name, param in chunk.named_parameters():
+                if not param.requires_grad:
+                    continue
+                layout = _layout_for(name, param, model_cfg, config, tp_size, tp_rank)
+                if len(model_chunks) > 1:
+                    layout = _with_chunk_keys(layout, index)
+                main = param if param.dtype == torch.float32 else self._master_of(param)
+                layouts[main] = layout
+                norm_mask[main] = param_is_not_shared(param) and \
+                    tensor_parallel.param_is_not_tensor_parallel_duplicate(param)
+                by_group[layout.lr_group].append((param, main))
+        # Both lists follow the optimizer's parameter order (groups in LR_GROUPS order), which
+        # is what state ids and megatron's sharded-param map are keyed by.
+        self.model_params = [p for g in LR_GROUPS for p, _ in by_group[g]]
+        self.main_params = [m for g in LR_GROUPS for _, m in by_group[g]]
+        param_groups = [self._group_options(config, g, [m for _, m in pairs])
+                        for g, pairs in by_group.items()]
+        inner = DistributedScion(param_groups, layouts, groups, tp_mode=config.scion_tp_mode,
+                                 dp_mode=config.scion_dp_mode, ns_backend=config.scion_ns_backend,
+                                 ns_steps=config.scion_ns_steps, norm_mask=norm_mask)
+        super().__init__(inner, config, init_state_fn=lambda opt, cfg=None: opt.init_state())
+        self.optimizer: DistributedScion
+        self.is_stub_optimizer = False
+        self.grad_stats_parallel_group = groups.world
+        self._scale_one = torch.ones(1)
+
+    @staticmethod
+    def _master_of(param: torch.nn.Parameter) -> torch.Tensor:
+        main = param.detach().clone().float()
+        tensor_parallel.copy_tensor_model_parallel_attributes(main, param)
+        if hasattr(param, "shared"):
+            main.shared = param.shared
+        return main
+
+    @staticmethod
+    def _group_options(config: ScionConfig, group: str, params: list[torch.Tensor]) -> dict[str, Any]:
+        wd_mult = 0.0 if group == "gains" else 1.0
+        return {
+            "params": params, "name": group, "lr": config.group_lr(group),
+            "max_lr": config.group_lr(group), "min_lr": config.group_min_lr(group),
+            "radius": config.group_radius(group), "momentum": config.scion_momentum,
+            "constrained": config.scion_constrained, "wd_mult": wd_mult,
+            "weight_decay": config.weight_decay * wd_mult, "lr_mult": 1.0,
+            "is_expert_parallel": False, "is_decoupled_lr": False,
+            "default_config": group == "hidden",
+        }
+
+    def _pairs(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        return list(zip(self.model_params, self.main_params))
+
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        """Hand main_grad to the fp32 params and check all grads; True if any is non-finite."""
+        for param, main in self._pairs():
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            main.grad = grad if grad is None or main is param else grad.float()
+        ok, _ = self.optimizer.check_grads()
+        return not ok
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        self.optimizer.apply_step()
+        self._copy_main_to_model()
+        return True
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+        """One Scion step; a non-finite grad anywhere skips it on every rank (success False)."""
+        if self.prepare_grads():
+            log_single_rank(logger, logging.WARNING, "Scion: non-finite gradient, step skipped")
+            return False, None, None
+        num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+        return self.step_with_ready_grads(), self.optimizer.last_grad_norm, num_zeros
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _zero_grad_group_helper(self.model_params, set_to_none)
+        _zero_grad_group_helper([m for p, m in self._pairs() if m is not p], set_to_none)
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return self._scale_one
+
+    @torch.no_grad()
+    def _copy_main_to_model(self) -> None:
+        for param, main in self._pairs():
+            if main is not param:
+                param.copy_(main)
+
+    @torch.no_grad()
+    def reload_model_params(self, state_dict: Optional[dict] = None) -> None:
+        for param, main in self._pairs():
+            if main is not param:
+                main.copy_(param)
+
+    def comm_stats(self) -> dict[str, object]:
+        """Bytes this rank sent/received per collective kind (last step and total)."""
+        return self.optimizer.comm_stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Momentum (and fp32 masters of bf16 params) for a same-layout torch checkpoint."""
+        return {"format": STATE_FORMAT, "fingerprint": self.optimizer.dualizer.fingerprint,
+                "optimizer": self.optimizer.state_dict(),
+                "main_params": {i: m for i, (p, m) in enumerate(self._pairs()) if m is not p}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_format(state_dict)
+        if "fingerprint" in state_dict and state_dict["fingerprint"] != self.optimizer.dualizer.fingerprint:
+            raise ValueError(
+                "Scion optimizer state was saved under another parallel layout or --scion-* "
+                "setting; load it through a distributed checkpoint (--ckpt-format torch_dist), "
+                "which reshards momentum, or skip it with --no-load-optim")
+        inner = state_dict["optimizer"]
+        by_name = {g["name"]: g for g in inner["param_groups"]}
+        inner["param_groups"] = [by_name[g["name"]] for g in self.optimizer.param_groups]
+        masters = dict(state_dict.get("main_params", {}))
+        for index, param_state in inner["state"].items():
+            if "fp32_param" in param_state:
+                masters[index] = param_state.pop("fp32_param")
+        self.optimizer.load_state_dict(inner)
+        for index, saved in masters.items():
+            self.main_params[index].copy_(saved)
+        self._copy_main_to_model()
+
+    def sharded_state_dict(self, model_sharded_state_dict: ShardedStateDict,
+                           is_loading: bool = False, metadata: Optional[dict] = None) -> ShardedStateDict:
+        """Momentum (and fp32 masters) as ShardedTensors with their parameters' metadata."""
+        if is_loading:
+            self.optimizer.init_state()
+        state = self.optimizer.state_dict()
+        for index, (param, main) in enumerate(self._pairs()):
+            if main is not param:
+                state["state"].setdefault(index, {})["fp32_param"] = main
+        id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
+        optim_state_to_sharding_state(state, id_to_sharded)
+        return {"format": STATE_FORMAT, "optimizer": state}
+
+
+def _check_format(state_dict: dict[str, Any]) -> None:
+    if state_dict.get("format") != STATE_FORMAT:
+        raise ValueError(
+            "the checkpoint's optimizer state is not Scion momentum (format "
+            f"{state_dict.get('format')!r}, expected {STATE_FORMAT!r}); resume with the optimizer "
+            "it was saved with or pass --no-load-optim")
+
+
+def _with_chunk_keys(layout: ParamLayout, chunk: int) -> ParamLayout:
+    """Prefix matrix keys with the virtual-pipeline chunk so names never collide across chunks."""
+    return replace(layout, matrices=tuple(replace(m, key=f"chunk{chunk}/{m.key}") for m in layout.matrices))
+
+
+def get_scion_optimizer(config: ScionConfig, model_chunks: list[torch.nn.Module],
+                        groups: Optional[StageGroups] = None) -> ScionOptimizer:
+    """The Scion ``MegatronOptimizer`` for ``model_chunks`` (megatron parallel_state initialised)."""
+    return ScionOptimizer(config, model_chunks, groups)

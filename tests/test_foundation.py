@@ -1,6 +1,7 @@
 """Foundation: parallel_state layout, TP/PP model equivalence, training, resume (gloo processes)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests._dist import run_workers
@@ -134,18 +135,19 @@ def _train_args(run_dir, iters: int, extra: list[str] = ()) -> list[str]:
             "--log-interval", "1", "--run-dir", str(run_dir), *extra]
 
 
-def test_training_loss_falls_and_resume_continues_identically(tmp_path, embedded_data):
-    """30 steps of TP2xPP2 Adam: loss falls; 15 + save + load + 15 repeats steps 16..30 exactly."""
+@pytest.mark.parametrize("optimizer,lr", [("adam", "3e-3"), ("scion", "0.02")])
+def test_training_loss_falls_and_resume_continues_identically(tmp_path, embedded_data, optimizer, lr):
+    """30 steps at TP2xPP2: loss falls; 15 + save + load + 15 repeats steps 16..30 exactly."""
+    flags = ["--optimizer", optimizer, "--lr", lr]
     full = tmp_path / "full"
-    result = torchrun(4, _train_args(full, 30, ["--optimizer", "adam", "--lr", "3e-3", "--save-interval", "15"]))
+    result = torchrun(4, _train_args(full, 30, [*flags, "--save-interval", "15"]))
     assert result.returncode == 0, result.stderr[-3000:]
     losses = train_losses(full)
     assert sorted(losses) == list(range(1, 31))
     first, last = sum(losses[i] for i in range(1, 4)) / 3, sum(losses[i] for i in range(28, 31)) / 3
     assert last < first - 0.5, (first, last)
     resumed = tmp_path / "resumed"
-    result = torchrun(4, _train_args(resumed, 30, ["--optimizer", "adam", "--lr", "3e-3",
-                                                   "--load", str(full / "checkpoints"), "--ckpt-step", "15"]))
+    result = torchrun(4, _train_args(resumed, 30, [*flags, "--load", str(full / "checkpoints"), "--ckpt-step", "15"]))
     assert result.returncode == 0, result.stderr[-3000:]
     again = train_losses(resumed)
     assert sorted(again) == list(range(16, 31))

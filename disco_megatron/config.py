@@ -11,6 +11,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
+    """Embedding rows: ``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size``.
+
+    Megatron-LM's rule (``--make-vocab-size-divisible-by``), so every TP shard of the embedding
+    has the same, aligned number of rows.
+    """
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size}: must be positive")
+    if divisible_by <= 0:
+        raise ValueError(f"--make-vocab-size-divisible-by {divisible_by}: must be positive")
+    if tp_size <= 0:
+        raise ValueError(f"--tensor-model-parallel-size {tp_size}: must be positive")
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
 class ConfigError(ValueError):
     """Invalid flags; the message names the flag and the fix."""
 
@@ -55,9 +71,7 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     def padded_vocab_size(self, tp: int) -> int:
-        """Megatron-LM's rule: pad the vocab to a multiple of divisible_by x TP."""
-        multiple = self.make_vocab_size_divisible_by * tp
-        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
 
     def validate(self, tp: int, pp: int) -> None:
         checks = [

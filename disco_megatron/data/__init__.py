@@ -20,9 +20,9 @@ from disco_megatron.data.tokenizer import (
     SentencePieceTokenizer,
     build_embedded_tokenizer,
     encode_texts,
-    padded_vocab_size,
     train_sentencepiece,
 )
+from disco_megatron.config import padded_vocab_size
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -109,20 +109,6 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         return OrderedDict([("class", type(self).__name__), ("model_sha256", self._sha256)])
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
-    """Embedding rows: ``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size``.
-
-    Megatron-LM's rule (``--make-vocab-size-divisible-by``), so every TP shard of the embedding
-    has the same, aligned number of rows.
-    """
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size={vocab_size}: must be positive")
-    if divisible_by <= 0:
-        raise ValueError(f"--make-vocab-size-divisible-by {divisible_by}: must be positive")
-    if tp_size <= 0:
-        raise ValueError(f"--tensor-model-parallel-size {tp_size}: must be positive")
-    multiple = divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:

@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "disco-pretrain=disco_megatron.train:main",
+            "disco-convert=disco_megatron.checkpoint.cli:main",
         ]
     },
 )

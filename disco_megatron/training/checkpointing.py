@@ -10,13 +10,19 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+# Test hook: comma-separated iterations whose save is killed (SIGKILL on rank 0) after the shards
+# are written and before the rename, the worst moment for the atomicity promised above.
+FAULT_KILL_IN_SAVE_ENV = "DISCO_FAULT_KILL_IN_SAVE_AT"
+_CORRUPT_HINT = "the checkpoint is corrupt or incomplete; load another saved iteration with --ckpt-step"
 # Model fields that must agree between a checkpoint and the model that loads it.
 SHAPE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -41,6 +47,13 @@ def checkpoint_dir(save: str, iteration: int) -> str:
     return os.path.join(save, f"iter_{iteration:07d}")
 
 
+def saved_iterations(save: str) -> list[int]:
+    """Iterations with a complete (renamed) checkpoint directory under ``save``, ascending."""
+    names = os.listdir(save) if os.path.isdir(save) else []
+    return sorted(int(n[5:]) for n in names
+                  if n.startswith("iter_") and n[5:].isdigit() and os.path.isdir(os.path.join(save, n)))
+
+
 def read_latest_iteration(load: str) -> int:
     """The iteration the ``latest`` pointer names; CheckpointError when there is none."""
     pointer = os.path.join(load, LATEST_FILE)
@@ -56,6 +69,11 @@ def read_latest_iteration(load: str) -> int:
         raise CheckpointError(f"--load {load}: {LATEST_FILE} names iteration {iteration} but "
                               f"{checkpoint_dir(load, iteration)} is missing")
     return iteration
+
+
+def _fault_kill_iterations() -> set[int]:
+    text = os.environ.get(FAULT_KILL_IN_SAVE_ENV, "")
+    return {int(x) for x in text.split(",") if x.strip()}
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -131,6 +149,8 @@ def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, m
                              is_loading=False, with_optimizer=True, with_rng=True)
     dist_checkpointing.save(sharded, tmp)
     torch.distributed.barrier()
+    if rank == 0 and state.iteration in _fault_kill_iterations():
+        os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
         if os.path.isdir(final):
             shutil.rmtree(final)
@@ -138,6 +158,40 @@ def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, m
         _atomic_write_text(os.path.join(save, LATEST_FILE), str(state.iteration))
     torch.distributed.barrier()
     return final
+
+
+def verify_files(load: str, ckpt: str) -> None:
+    """Refuse a checkpoint whose metadata or shard files are missing or truncated, naming the file.
+
+    Every rank checks every file before the collective load, so a corrupt file gives the same
+    message on all ranks instead of an error on the ranks that read it and a hang on the others.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(ckpt).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"--load {load}: cannot read {os.path.join(ckpt, '.metadata')} "
+                              f"({type(exc).__name__}: {exc}); {_CORRUPT_HINT}") from exc
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt, name)
+        actual = os.path.getsize(path) if os.path.isfile(path) else None
+        if actual is None or actual < size:
+            found = "is missing" if actual is None else f"has {actual} bytes"
+            raise CheckpointError(f"--load {load}: {path} {found}, its metadata needs {size}; {_CORRUPT_HINT}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """A load failure in one line (torch's CheckpointException carries a traceback per rank)."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        rank, failure = next(iter(failures.items()))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def check_compatible(ckpt: str, saved: dict, current: dict) -> None:
@@ -151,10 +205,8 @@ def check_compatible(ckpt: str, saved: dict, current: dict) -> None:
             )
 
 
-def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, parallel: dict,
-                    load_optim: bool = True, load_rng: bool = True,
-                    iteration: Optional[int] = None) -> TrainState:
-    """Load the latest (or the given) iteration under ``load`` into this rank's model/optimizer/scheduler."""
+def read_common_state(load: str, iteration: Optional[int] = None) -> tuple[str, dict]:
+    """(iteration directory, its common state) of the latest or given iteration, without loading tensors."""
     from megatron.core import dist_checkpointing
 
     if iteration is None:
@@ -163,9 +215,20 @@ def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, 
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"--load {load} --ckpt-step {iteration}: {ckpt} does not exist")
     try:
-        common = dist_checkpointing.load_common_state_dict(ckpt)
+        return ckpt, dist_checkpointing.load_common_state_dict(ckpt)
     except Exception as exc:  # corrupt/partial files: say which, not a traceback wall
-        raise CheckpointError(f"--load {load}: cannot read {ckpt} ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"--load {load}: cannot read {os.path.join(ckpt, 'common.pt')} "
+                              f"({type(exc).__name__}: {exc}); {_CORRUPT_HINT}") from exc
+
+
+def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, parallel: dict,
+                    load_optim: bool = True, load_rng: bool = True,
+                    iteration: Optional[int] = None) -> TrainState:
+    """Load the latest (or the given) iteration under ``load`` into this rank's model/optimizer/scheduler."""
+    from megatron.core import dist_checkpointing
+
+    ckpt, common = read_common_state(load, iteration)
+    verify_files(load, ckpt)
     check_compatible(load, common.get("model_config", {}), model_config)
     same_layout = common.get("parallel") == parallel
     has_optimizer = "optimizer_type" in common
@@ -179,8 +242,8 @@ def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, 
                              is_loading=True, with_optimizer=with_optim, with_rng=load_rng and same_layout)
     try:
         loaded = dist_checkpointing.load(sharded, ckpt)
-    except Exception as exc:
-        raise CheckpointError(f"--load {load}: cannot load {ckpt} ({type(exc).__name__}: {exc})") from exc
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(f"--load {load}: cannot load {ckpt} ({_one_line(exc)})") from exc
     model.load_state_dict(loaded["model"])
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])

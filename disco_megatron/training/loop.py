@@ -110,7 +110,8 @@ def prepare_data(cfg: RunConfig, info: ParallelInfo):
     return SentencePieceTokenizer(model_path), prefix
 
 
-def _wrap_ddp(model, cfg: RunConfig):
+def wrap_ddp(model, cfg: RunConfig):
+    """megatron DDP around this stage (grads in ``main_grad``) and the schedule's grad hooks."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     ddp = DistributedDataParallel(
@@ -161,7 +162,7 @@ def pretrain(cfg: RunConfig) -> dict:
         log(f"world {info.world_size} = TP {info.tp} x PP {info.pp} x DP {info.dp}; optimizer {cfg.optimizer}; "
             f"vocab {cfg.model.vocab_size} (padded {cfg.model.padded_vocab_size(info.tp)})")
     model = build_gpt_model(cfg.model)
-    ddp = _wrap_ddp(model, cfg)
+    ddp = wrap_ddp(model, cfg)
     optimizer = build_optimizer(cfg, [ddp])
     scheduler = build_scheduler(cfg, optimizer)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,211 @@
+"""Reader of Megatron-LM legacy torch checkpoints -> the full (TP1/PP1) megatron state.
+
+Layout read (Megatron-LM ``--ckpt-format torch``)::
+
+    LOAD/latest_checkpointed_iteration.txt            an iteration number or "release"
+    LOAD/iter_0000100/mp_rank_TT/model_optim_rng.pt    (PP 1) or mp_rank_TT_PPP/ (PP > 1)
+
+Each file is a pickled dict with ``args`` (the run's argparse Namespace), ``iteration``,
+``checkpoint_version`` and ``model``: this rank's state dict, with megatron-core names
+(``embedding.word_embeddings.weight``, ``decoder.layers.N....``, TransformerEngine's fused
+``linear_qkv.layer_norm_weight`` or the local spec's ``input_layernorm.weight``) or the older
+nested ``language_model`` names. Layer numbers are stage-local in both. Only trusted files should
+be read: legacy checkpoints are pickles.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from disco_megatron.checkpoint import ConversionError
+from disco_megatron.config import ModelConfig
+from disco_megatron.models.sharding import gather_full_tensor, global_param_name, tp_partition_dim
+from disco_megatron.training.checkpointing import LATEST_FILE
+
+LEGACY_FILE = "model_optim_rng.pt"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+# Old (pre-megatron-core) Megatron-LM names -> megatron-core local-spec names, applied in order.
+_OLD_NAMES = (
+    (r"^language_model\.embedding\.", "embedding."),
+    (r"^language_model\.output_layer\.", "output_layer."),
+    (r"^language_model\.encoder\.final_(?:norm|layernorm)\.", "decoder.final_layernorm."),
+    (r"^language_model\.encoder\.layers\.", "decoder.layers."),
+    (r"\.input_(?:norm|layernorm)\.", ".input_layernorm."),
+    (r"\.post_attention_(?:norm|layernorm)\.", ".pre_mlp_layernorm."),
+    (r"\.self_attention\.query_key_value\.", ".self_attention.linear_qkv."),
+    (r"\.self_attention\.dense\.", ".self_attention.linear_proj."),
+    (r"\.mlp\.dense_h_to_4h\.", ".mlp.linear_fc1."),
+    (r"\.mlp\.dense_4h_to_h\.", ".mlp.linear_fc2."),
+)
+# TransformerEngine fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_NAMES = (
+    (r"\.self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r".input_layernorm.\1"),
+    (r"\.mlp\.linear_fc1\.layer_norm_(weight|bias)$", r".pre_mlp_layernorm.\1"),
+)
+_UNSUPPORTED_ARGS = (  # (attribute, value our GPT supports, what to say)
+    ("virtual_pipeline_model_parallel_size", None, "virtual pipeline stages"),
+    ("num_experts", None, "mixture of experts"),
+    ("qk_layernorm", False, "--qk-layernorm"),
+    ("rotary_interleaved", False, "--rotary-interleaved"),
+    ("rotary_percent", 1.0, "--rotary-percent != 1"),
+)
+
+
+@dataclass
+class LegacyCheckpoint:
+    """What a legacy checkpoint holds that a disco_megatron checkpoint needs."""
+
+    model_config: ModelConfig
+    full_state: dict[str, Tensor]  # TP1/PP1 names, vocab rows padded as the run padded them
+    iteration: int
+
+
+def legacy_iteration_dir(load: str, iteration: Optional[int]) -> str:
+    """``LOAD/iter_N`` (the pointer's iteration unless given) or ``LOAD/release``."""
+    if iteration is None:
+        pointer = os.path.join(load, LATEST_FILE)
+        if not os.path.isfile(pointer):
+            raise ConversionError(f"--load {load}: no {LATEST_FILE}; pass --ckpt-step N")
+        text = open(pointer).read().strip()
+        if text == "release":
+            return os.path.join(load, "release")
+        if not text.isdigit():
+            raise ConversionError(f"--load {load}: {LATEST_FILE} holds {text!r}, not an iteration or 'release'")
+        iteration = int(text)
+    path = os.path.join(load, f"iter_{iteration:07d}")
+    if not os.path.isdir(path):
+        raise ConversionError(f"--load {load}: {path} does not exist")
+    return path
+
+
+def rank_files(ckpt_dir: str) -> dict[tuple[int, int], str]:
+    """``{(tp_rank, pp_rank): path of model_optim_rng.pt}`` under one iteration directory."""
+    files = {}
+    for entry in sorted(os.listdir(ckpt_dir)):
+        match = _RANK_DIR.match(entry)
+        path = os.path.join(ckpt_dir, entry, LEGACY_FILE)
+        if match and os.path.isfile(path):
+            files[(int(match.group(1)), int(match.group(2) or 0))] = path
+    if not files:
+        raise ConversionError(f"--load {ckpt_dir}: no mp_rank_XX[_YYY]/{LEGACY_FILE} files "
+                              "(not a Megatron-LM legacy torch checkpoint)")
+    return files
+
+
+def flatten(state: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested state dicts (old ``language_model`` format) -> dotted names."""
+    flat: dict[str, object] = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def canonical_legacy_name(name: str) -> Optional[str]:
+    """megatron-core local-spec name of a legacy tensor name; None for non-parameters to drop."""
+    if name.endswith("_extra_state") or name.endswith("inv_freq"):
+        return None
+    for pattern, replacement in _OLD_NAMES + _TE_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _arg(args: object, name: str, source: str, *fallbacks: str):
+    for attr in (name, *fallbacks):
+        if hasattr(args, attr):
+            return getattr(args, attr)
+    raise ConversionError(f"{source}: args has no {name!r}; the checkpoint is too old or not a GPT run")
+
+
+def model_config_from_args(args: object, vocab_size: Optional[int], source: str) -> ModelConfig:
+    """Our ModelConfig from a Megatron-LM args Namespace (refusing features our GPT lacks)."""
+    for attr, supported, text in _UNSUPPORTED_ARGS:
+        value = getattr(args, attr, supported)
+        if value not in (supported, None):
+            raise ConversionError(f"{source}: the run used {text} ({attr}={value!r}), which disco_megatron's GPT "
+                                  "does not support")
+    if getattr(args, "add_qkv_bias", False) and not getattr(args, "add_bias_linear", True):
+        raise ConversionError(f"{source}: the run used --add-qkv-bias without --add-bias-linear, which "
+                              "disco_megatron's GPT does not support")
+    if vocab_size is None:
+        vocab_size = getattr(args, "vocab_size", None)
+    if vocab_size is None:
+        raise ConversionError(f"{source}: args has no vocab_size (only the padded size); pass --tokenizer-model "
+                              "the sentencepiece model the run used")
+    heads = _arg(args, "num_attention_heads", source)
+    groups = _arg(args, "num_query_groups", source) if getattr(args, "group_query_attention", False) else None
+    seq = _arg(args, "seq_length", source)
+    return ModelConfig(
+        num_layers=_arg(args, "num_layers", source), hidden_size=_arg(args, "hidden_size", source),
+        num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=_arg(args, "ffn_hidden_size", source),
+        seq_length=seq, max_position_embeddings=getattr(args, "max_position_embeddings", None) or seq,
+        vocab_size=int(vocab_size),
+        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128),
+        normalization=getattr(args, "normalization", "LayerNorm"),
+        norm_epsilon=_arg(args, "norm_epsilon", source, "layernorm_epsilon"),
+        swiglu=bool(getattr(args, "swiglu", False)),
+        position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
+        rotary_base=int(getattr(args, "rotary_base", 10000)),
+        untie_embeddings_and_output_weights=bool(getattr(args, "untie_embeddings_and_output_weights", False)),
+        add_bias_linear=bool(getattr(args, "add_bias_linear", True)),
+        init_method_std=float(getattr(args, "init_method_std", 0.02)),
+    )
+
+
+def _load_rank_file(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # legacy files pickle an argparse Namespace
+    except Exception as exc:
+        raise ConversionError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def read_legacy_checkpoint(load: str, iteration: Optional[int] = None,
+                           vocab_size: Optional[int] = None) -> LegacyCheckpoint:
+    """Gather every TP/PP rank file of a legacy checkpoint into the full model state."""
+    ckpt_dir = legacy_iteration_dir(load, iteration)
+    files = rank_files(ckpt_dir)
+    first = _load_rank_file(files[min(files)])
+    if "args" not in first or "model" not in first:
+        hint = " (virtual pipeline 'model0' ... is not supported)" if "model0" in first else ""
+        raise ConversionError(f"{files[min(files)]}: no 'args'/'model' entries{hint}")
+    args = first["args"]
+    if float(first.get("checkpoint_version", 3.0)) < 3.0:
+        raise ConversionError(f"{files[min(files)]}: checkpoint_version {first['checkpoint_version']} < 3 orders "
+                              "QKV differently; re-save it with a recent Megatron-LM first")
+    tp = int(_arg(args, "tensor_model_parallel_size", files[min(files)]))
+    pp = int(_arg(args, "pipeline_model_parallel_size", files[min(files)]))
+    expected = {(t, p) for t in range(tp) for p in range(pp)}
+    if set(files) != expected:
+        raise ConversionError(f"{ckpt_dir}: args say TP {tp} x PP {pp} but rank files "
+                              f"{sorted(files)} are present; the checkpoint is incomplete")
+    cfg = model_config_from_args(args, vocab_size, files[min(files)])
+    shards: dict[str, dict[int, Tensor]] = {}
+    for (tp_rank, pp_rank), path in sorted(files.items()):
+        state = first if (tp_rank, pp_rank) == min(files) else _load_rank_file(path)
+        for raw, value in flatten(state["model"]).items():
+            name = canonical_legacy_name(raw)
+            if name is None:
+                continue
+            if not isinstance(value, Tensor):
+                raise ConversionError(f"{path}: model entry {raw} is a {type(value).__name__}, not a tensor")
+            name = global_param_name(name, pp_rank, cfg.num_layers, pp)
+            if name == "output_layer.weight" and not cfg.untie_embeddings_and_output_weights:
+                continue  # the last stage's copy of the tied embedding
+            if tp_rank in shards.setdefault(name, {}):
+                raise ConversionError(f"{path}: {name} appears on two pipeline stages")
+            shards[name][tp_rank] = value
+    full = {}
+    for name, by_rank in shards.items():
+        if len(by_rank) != tp:
+            raise ConversionError(f"{ckpt_dir}: {name} is on TP ranks {sorted(by_rank)} only, expected 0..{tp - 1}")
+        full[name] = gather_full_tensor(name, [by_rank[r] for r in range(tp)], tp_partition_dim(name), cfg.swiglu)
+    return LegacyCheckpoint(cfg, full, int(first.get("iteration", 0)))

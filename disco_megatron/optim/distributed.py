@@ -113,7 +113,7 @@ def _piece_shape(shape: tuple[int, ...], concat_dim: int, tp_size: int) -> tuple
     return tuple(piece)
 
 
-def _plan_size(matrix: LogicalMatrix, lmo: str) -> tuple[int, int]:
+def plan_size(matrix: LogicalMatrix, lmo: str) -> tuple[int, int]:
     """(m, n) whose ``ns_flops`` is the matrix's dualize cost: m·n·min(m, n) for spectral,
     m·n for the element-wise maps (given as an (m·n)×1 matrix)."""
     if lmo == "spectral":
@@ -169,7 +169,7 @@ class DistributedDualizer:
         self._slot_coords = self._agree_and_locate()
         self._me = dist.get_rank(self._group)
         slots = list(range(len(self._slot_coords)))
-        sizes = [(e.matrix.key, *_plan_size(e.matrix, lmo))
+        sizes = [(e.matrix.key, *plan_size(e.matrix, lmo))
                  for (lmo, _, _), entries in whole.items() for e in entries]
         owners = plan_owners(sizes, slots) if tp_mode == "owner" else {}
         self.owners: dict[str, int] = owners

@@ -1,0 +1,160 @@
+"""Shared by the benchmarks: model presets, the optimizer's matrix list, gloo launch, tables, results.
+
+The benchmarks build the optimizer's view of a model from shapes alone (megatron parameter
+names from :func:`~disco_megatron.checkpoint.hf_llama.megatron_shapes`, layouts from
+:func:`~disco_megatron.optim.layout.build_layout`), so the 12- and 24-layer models need no
+model instance. Results go to ``benchmarks/results/<name>.json`` with the date and hardware,
+because every number here depends on the machine it was measured on.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from disco_megatron.checkpoint.hf_llama import megatron_shapes
+from disco_megatron.config import ModelConfig, ScionFlags
+from disco_megatron.models.sharding import tp_partition_dim
+from disco_megatron.optim.distributed import plan_size
+from disco_megatron.optim.layout import ParamLayout, build_layout, needs_whole
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Llama-style GPTs (RMSNorm, SwiGLU, RoPE, GQA, untied output, no biases), as ModelConfig.
+PRESETS: dict[str, ModelConfig] = {
+    "gpt12": ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=4,
+                         ffn_hidden_size=2048, vocab_size=32000, seq_length=1024),
+    "gpt24": ModelConfig(num_layers=24, hidden_size=768, num_attention_heads=12, num_query_groups=4,
+                         ffn_hidden_size=2048, vocab_size=32000, seq_length=1024),
+    "small": ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
+                         ffn_hidden_size=704, vocab_size=8192, seq_length=128),
+    "tiny": ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4,
+                        ffn_hidden_size=128, vocab_size=256, seq_length=32),
+}
+# The optimizer's defaults as the CLI (disco-pretrain) sets them.
+QKV_SPLIT = ScionFlags().qkv_split
+OUTPUT_LMO = ScionFlags().output_lmo
+
+
+def describe(cfg: ModelConfig) -> str:
+    """One line naming the model shape, e.g. ``12-layer GQA SwiGLU h768 heads12 groups4 ffn2048``."""
+    kind = "GQA" if cfg.query_groups < cfg.num_attention_heads else "MHA"
+    mlp = "SwiGLU" if cfg.swiglu else "GeLU"
+    return (f"{cfg.num_layers}-layer {kind} {mlp} h{cfg.hidden_size} heads{cfg.num_attention_heads} "
+            f"groups{cfg.query_groups} ffn{cfg.ffn_size} vocab{cfg.vocab_size}")
+
+
+def preset(name: str) -> ModelConfig:
+    """The preset ``name``; an unknown name exits with the list of presets."""
+    if name not in PRESETS:
+        sys.exit(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def model_shape(cfg: ModelConfig) -> SimpleNamespace:
+    """The ``ModelShape`` fields ``build_layout`` reads, as ``models.gpt.transformer_config`` sets
+    them (without importing megatron-core: seconds per process; ``step.py`` checks the layouts
+    against a real GPTModel's)."""
+    return SimpleNamespace(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                           num_query_groups=cfg.query_groups, kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+                           ffn_hidden_size=cfg.ffn_size, gated_linear_unit=cfg.swiglu)
+
+
+def stage_layouts(cfg: ModelConfig, tp: int, tp_rank: int, qkv_split: str = QKV_SPLIT
+                  ) -> dict[str, ParamLayout]:
+    """Layouts of every parameter shard of TP rank ``tp_rank`` (PP1), as the optimizer builds them
+    (vocab padded to ``--make-vocab-size-divisible-by`` × TP, as megatron pads it)."""
+    cfg.validate(tp, 1)
+    padded = replace(cfg, vocab_size=cfg.padded_vocab_size(tp))
+    shape = model_shape(padded)
+    layouts = {}
+    for name, full in megatron_shapes(padded).items():
+        local = list(full)
+        dim = tp_partition_dim(name)
+        if dim is not None:
+            local[dim] //= tp
+        layouts[name] = build_layout(name, tuple(local), shape, tp_size=tp, tp_rank=tp_rank,
+                                     qkv_split=qkv_split, output_lmo=OUTPUT_LMO)
+    return layouts
+
+
+def whole_matrices(layouts: Iterable[ParamLayout]) -> list[tuple[str, int, int]]:
+    """(key, m, n) of every logical matrix that must be whole to dualize, sized as the
+    optimizer's plan sizes them (its input to ``plan_owners``)."""
+    return [(m.key, *plan_size(m, layout.lmo)) for layout in layouts for m in layout.matrices
+            if needs_whole(m, layout.lmo)]
+
+
+def whole_matrix_bytes(layouts: Iterable[ParamLayout], itemsize: int = 4) -> int:
+    """Full bytes of the matrices that must be whole: the theory's "matrix bytes" of a TP group."""
+    return sum(itemsize * math.prod(m.shape) for layout in layouts for m in layout.matrices
+               if needs_whole(m, layout.lmo))
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: tuple[Any, ...]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., None], world_size: int, *args: Any) -> None:
+    """Run top-level ``fn(rank, world_size, *args)`` in ``world_size`` one-thread gloo processes
+    with torchrun's environment variables set (so ``initialize_parallel`` works in ``fn``; a
+    worker that calls it also calls ``destroy_parallel``); a failing rank raises here."""
+    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table: floats to 4 significant digits, columns right-aligned."""
+    cells = [[f"{v:#.4g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in row]
+             for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def hardware() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_result(name: str, payload: dict[str, Any], out_dir: Path | str = RESULTS_DIR) -> Path:
+    """Write ``<out_dir>/<name>.json`` with the date, hardware and command line added."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    record = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "hardware": hardware(), "command": " ".join(sys.argv), **payload}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path

@@ -1,0 +1,81 @@
+"""The three benchmarks in ``--quick`` mode: they run, write their JSON, and the numbers that do
+not depend on timing are right (byte counts vs the DESIGN §3.8 formulas on a hand-counted
+matrix size, plan balance, layouts vs a real model). Timings are only checked for sanity."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import balance  # noqa: E402
+import comm  # noqa: E402
+import step  # noqa: E402
+from _common import PRESETS  # noqa: E402
+
+HARDWARE_KEYS = {"platform", "processor", "cpu_count", "torch", "python"}
+
+
+def _result(out: Path, name: str) -> dict:
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["benchmark"] == name and record["quick"] is True
+    assert HARDWARE_KEYS <= record["hardware"].keys() and record["date"][:2] == "20"
+    return record
+
+
+def _spectral_bytes(cfg) -> int:
+    """fp32 bytes of the hidden matrices of a Llama-shaped GPT, counted from the shape by hand."""
+    h, kv = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    per_layer = ((cfg.num_attention_heads + 2 * cfg.query_groups) * kv * h + h * cfg.num_attention_heads * kv
+                 + 2 * cfg.ffn_size * h + h * cfg.ffn_size)
+    return 4 * cfg.num_layers * per_layer
+
+
+def test_comm_quick_matches_theory(tmp_path: Path) -> None:
+    assert comm.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "comm")
+    assert [r["tp"] for r in record["results"]] == [2, 4]
+    for r in record["results"]:
+        t = r["tp"]
+        assert r["matrix_bytes"] == _spectral_bytes(PRESETS[record["preset"]])
+        owner, dup = r["modes"]["owner"], r["modes"]["duplicated"]
+        assert owner["dualize_sent_mean"] == pytest.approx(2 * (t - 1) / t**2 * r["matrix_bytes"], rel=0.01)
+        assert dup["dualize_sent_per_rank"] == [pytest.approx((t - 1) / t * r["matrix_bytes"], rel=0.01)] * t
+        assert r["owner_over_duplicated"] == pytest.approx(2 / t, rel=0.01)
+        assert owner["sent_mean_by_kind"].get("all_gather", 0) == 0 < owner["sent_mean_by_kind"]["all_to_all"]
+        assert dup["sent_mean_by_kind"].get("all_to_all", 0) == 0 < dup["sent_mean_by_kind"]["all_gather"]
+        assert r["plan_matches_balance_py"] is True and 1.0 <= r["plan_balance"] <= 1.1
+
+
+def test_balance_quick_within_target(tmp_path: Path) -> None:
+    assert balance.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "balance")
+    rows = record["rows"]
+    assert {(r["tp"], r["dp"]) for r in rows} == set(balance.LAYOUTS)
+    for r in rows:
+        cfg = PRESETS[r["preset"]]
+        assert r["matrices"] == 7 * cfg.num_layers  # q, k, v, proj, gate, up, fc2 per layer (qkv split)
+        assert 1.0 <= r["bound"] <= r["balance"] <= record["target"] == 1.1
+
+
+def test_step_quick_reports_times(tmp_path: Path) -> None:
+    assert step.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "step")
+    result = record["optimizer_step"]
+    assert result["layouts_match_model"] is True
+    med = result["median_s"]
+    assert set(med) == set(step.OPTIMIZERS) and all(0 < v < 60 for v in med.values())
+    assert result["owner_over_duplicated"] == pytest.approx(med["scion_owner"] / med["scion_duplicated"])
+    tracker = result["tracker"]
+    assert tracker["total_s"] == pytest.approx(tracker["before_s"] + tracker["after_s"])
+    assert tracker["overhead_pct_of_owner_step"] == pytest.approx(100 * tracker["total_s"] / med["scion_owner"])
+    assert tracker["amortised_pct_interval10"] == pytest.approx(tracker["overhead_pct_of_owner_step"] / 10)
+    assert "AdamW" in result["adam"]
+    shapes = [tuple(r["shape"]) for r in record["newton_schulz"]]
+    assert shapes == [(32, 32), (64, 64), (32, 128), (64, 256)]
+    assert all(r[b] is not None and math.isfinite(r[b]) and r[b] > 0
+               for r in record["newton_schulz"] for b in ("ns5", "polar_express", "svd"))

@@ -17,8 +17,8 @@ python -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTE
   --num-layers 4 --hidden-size 192 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 512 \
   --seq-length 128 --vocab-size 4096 \
   --micro-batch-size 4 --global-batch-size 16 --train-iters 120 \
-  --optimizer scion --lr 0.01 --scion-lr-embedding 0.01 --scion-lr-hidden 0.01 --scion-lr-output 0.01 \
-  --lr-decay-style cosine --lr-warmup-iters 10 --min-lr 0.001 \
+  --optimizer scion --lr 0.02 \
+  --lr-decay-style cosine --lr-warmup-iters 10 --min-lr 0.002 \
   --log-interval 10 --eval-interval 60 --eval-iters 4 --norm-log-interval 10 --save-interval 60 \
   --run-dir "$RUN_DIR" "$@"
 echo "quickstart: done. TensorBoard: tensorboard --logdir $RUN_DIR/tensorboard ; norms: $RUN_DIR/norms.jsonl"

@@ -1,1 +1,1 @@
-"""disco_megatron.integrations."""
+"""Plug-ins for other training stacks: ``megatron_lm`` runs Scion in Megatron-LM's own pretrain loop."""

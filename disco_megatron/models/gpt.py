@@ -22,12 +22,15 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig
     """megatron-core TransformerConfig for this model shape and parallel layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from disco_megatron.models.fp8 import check_fp8, fp8_recipe
+
     cfg.validate(tp, pp)
+    check_fp8(cfg)
     on_gpu = torch.cuda.is_available()
     fp8 = {}
     if cfg.fp8_format is not None:
         fp8 = dict(fp8=cfg.fp8_format, fp8_recipe=cfg.fp8_recipe, fp8_param=cfg.fp8_param_gather)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
@@ -56,6 +59,9 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig
         gradient_accumulation_fusion=False,
         **fp8,
     )
+    if config.fp8:
+        fp8_recipe(config)
+    return config
 
 
 def layer_spec(cfg: ModelConfig):

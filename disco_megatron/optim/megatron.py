@@ -28,6 +28,7 @@ from megatron.core.optimizer.optimizer import MegatronOptimizer, _zero_grad_grou
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.utils import get_attr_wrapped_model, log_single_rank
 
+from disco_megatron.models.fp8 import is_quantized, master_weight
 from disco_megatron.optim.config import ScionConfig, scion_config_from_flags
 from disco_megatron.optim.distributed import DistributedScion, StageGroups
 from disco_megatron.optim.layout import LR_GROUPS, ParamLayout, build_layout
@@ -70,7 +71,8 @@ class ScionOptimizer(MegatronOptimizer):
                 layout = _layout_for(name, param, model_cfg, config, tp_size, tp_rank)
                 if len(model_chunks) > 1:
                     layout = _with_chunk_keys(layout, index)
-                main = param if param.dtype == torch.float32 else self._master_of(param)
+                keep = param.dtype == torch.float32 and not is_quantized(param)
+                main = param if keep else self._master_of(param)
                 layouts[main] = layout
                 norm_mask[main] = param_is_not_shared(param) and \
                     tensor_parallel.param_is_not_tensor_parallel_duplicate(param)
@@ -92,7 +94,7 @@ class ScionOptimizer(MegatronOptimizer):
 
     @staticmethod
     def _master_of(param: torch.nn.Parameter) -> torch.Tensor:
-        main = param.detach().clone().float()
+        main = master_weight(param)
         tensor_parallel.copy_tensor_model_parallel_attributes(main, param)
         if hasattr(param, "shared"):
             main.shared = param.shared

@@ -1,0 +1,348 @@
+"""The Megatron-LM plug-in (disco_megatron.integrations.megatron_lm) on the real megatron-core.
+
+- flags: the Scion table and ``--optimizer scion`` on a parser shaped like Megatron-LM's;
+- ``get_megatron_optimizer`` after ``install()``: Scion for a ScionConfig, megatron's own
+  optimizer for Adam (real GPTModel in megatron DDP, 2 gloo processes, TP2);
+- norm logging in Megatron-LM's step order on a PP2 model (2 processes);
+- with Megatron-LM's ``megatron.training`` importable (a Megatron-LM core_r0.16 checkout on
+  PYTHONPATH): its real parser, and its own ``pretrain_gpt.py`` trained with Scion.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from _dist import free_port, run_workers
+from disco_megatron.config import _SCION_FLAGS
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "megatron_lm" / "pretrain_gpt_scion.sh"
+# Megatron-LM core_r0.16's --optimizer choices (megatron/training/arguments.py, _add_training_args).
+MEGATRON_LM_OPTIMIZERS = ["adam", "sgd", "muon", "dist_muon"]
+MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+             seq_length=16, vocab_size=128, make_vocab_size_divisible_by=64)
+
+
+def _has_megatron_training() -> bool:
+    try:
+        return importlib.util.find_spec("megatron.training") is not None
+    except ImportError:
+        return False
+
+
+needs_megatron_lm = pytest.mark.skipif(not _has_megatron_training(),
+                                       reason="megatron.training (a Megatron-LM checkout) is not importable")
+
+
+def megatron_lm_like_parser() -> argparse.ArgumentParser:
+    """The Megatron-LM flags the plug-in reads, with ``--optimizer``'s choices as Megatron-LM has them."""
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    group = parser.add_argument_group("training")
+    group.add_argument("--optimizer", type=str, default="adam", choices=list(MEGATRON_LM_OPTIMIZERS))
+    group.add_argument("--lr", type=float, default=None)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--start-weight-decay", type=float)
+    group.add_argument("--end-weight-decay", type=float)
+    group.add_argument("--clip-grad", type=float, default=1.0)
+    for flag in ("--bf16", "--fp16", "--use-distributed-optimizer", "--log-num-zeros-in-grad",
+                 "--barrier-with-L1-time"):
+        group.add_argument(flag, action="store_true")
+    return parser
+
+
+def _scion_parser() -> argparse.ArgumentParser:
+    from disco_megatron.integrations.megatron_lm import add_scion_args
+
+    return add_scion_args(megatron_lm_like_parser())
+
+
+def test_parser_gets_every_scion_flag_and_the_scion_choice(capsys) -> None:
+    plain = megatron_lm_like_parser()
+    with pytest.raises(SystemExit):
+        plain.parse_args(["--optimizer", "scion"])  # the stand-in rejects it like Megatron-LM does
+    parser = _scion_parser()
+    for flag, _, _ in _SCION_FLAGS.values():
+        assert flag in parser._option_string_actions, flag
+    args = parser.parse_args(["--optimizer", "scion", "--lr", "0.03", "--scion-lr-output", "0.01",
+                              "--scion-momentum", "0.2", "--scion-radius-output", "7", "--scion-constrained",
+                              "--scion-tp-mode", "duplicated", "--scion-qkv-split", "head",
+                              "--scion-ns-backend", "polar_express", "--scion-ns-steps", "7",
+                              "--scion-output-lmo", "sign", "--scion-weight-decay", "0.05",
+                              "--norm-log-interval", "5"])
+    assert (args.optimizer, args.scion_lr_output, args.scion_momentum, args.scion_radius_output) == \
+        ("scion", 0.01, 0.2, 7.0)
+    assert (args.scion_constrained, args.scion_tp_mode, args.scion_qkv_split, args.scion_ns_backend) == \
+        (True, "duplicated", "head", "polar_express")
+    assert (args.scion_ns_steps, args.scion_output_lmo, args.scion_weight_decay, args.norm_log_interval) == \
+        (7, "sign", 0.05, 5)
+    assert args.scion_lr_embedding is None and args.scion_dp_mode == "replicated" and args.norm_log_file is None
+    assert parser.parse_args(["--optimizer", "adam"]).optimizer == "adam"
+    for bad in (["--optimizer", "lion"], ["--scion-tp-mode", "fastest"], ["--scion-qkv-split", "rows"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "invalid choice: 'rows'" in capsys.readouterr().err
+    from disco_megatron.integrations.megatron_lm import add_scion_args
+
+    assert add_scion_args(parser) is parser  # idempotent: install() and a script may both add it
+
+
+def test_scion_config_from_megatron_lm_args() -> None:
+    from disco_megatron.integrations.megatron_lm import scion_config_from_args
+
+    parser = _scion_parser()
+    args = parser.parse_args(["--optimizer", "scion", "--lr", "0.04", "--min-lr", "0.004", "--bf16",
+                              "--scion-lr-output", "0.01", "--scion-lr-embedding", "0.08",
+                              "--scion-radius-hidden", "2", "--scion-momentum", "0.3", "--scion-qkv-split", "head"])
+    config = scion_config_from_args(args)
+    assert [config.group_lr(g) for g in ("embedding", "hidden", "output", "gains")] == [0.08, 0.04, 0.01, 0.04]
+    assert config.group_min_lr("output") == pytest.approx(0.001)
+    assert (config.group_radius("hidden"), config.scion_momentum, config.scion_qkv_split) == (2.0, 0.3, "head")
+    assert config.bf16 and config.params_dtype == torch.bfloat16 and config.clip_grad == 0.0  # --clip-grad 1.0 ignored
+    for flag in ("--use-distributed-optimizer", "--fp16"):
+        with pytest.raises(ValueError, match=flag):
+            scion_config_from_args(parser.parse_args(["--optimizer", "scion", "--lr", "0.1", flag]))
+
+
+def test_optimizer_config_hook_uses_scion_weight_decay_and_leaves_adam_alone() -> None:
+    from disco_megatron.integrations.megatron_lm import _get_megatron_optimizer_config
+
+    calls = []
+    hooked = _get_megatron_optimizer_config(lambda args: calls.append(args.optimizer) or ("adam config", {}))
+    parser = _scion_parser()
+    adam = parser.parse_args(["--lr", "0.1", "--weight-decay", "0.1"])
+    assert hooked(adam) == ("adam config", {}) and calls == ["adam"] and adam.weight_decay == 0.1
+    scion = parser.parse_args(["--optimizer", "scion", "--lr", "0.1", "--scion-weight-decay", "0.02",
+                               "--start-weight-decay", "0.1", "--end-weight-decay", "0.1"])
+    config, overrides = hooked(scion)
+    assert calls == ["adam"] and overrides is None
+    assert config.optimizer == "scion" and config.weight_decay == 0.02
+    assert scion.weight_decay == scion.start_weight_decay == scion.end_weight_decay == 0.02
+
+
+def dispatch_worker(rank: int, world: int) -> None:
+    import megatron.core.optimizer as mcore_optimizer
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from disco_megatron.config import ModelConfig
+    from disco_megatron.integrations import megatron_lm
+    from disco_megatron.models import build_gpt_model
+    from disco_megatron.optim.config import ScionConfig
+    from disco_megatron.optim.megatron import ScionOptimizer
+    from disco_megatron.runtime import initialize_parallel
+
+    initialize_parallel(2, 1)
+    original = mcore_optimizer.get_megatron_optimizer
+    megatron_lm.install()
+    megatron_lm.install()
+    hooked = mcore_optimizer.get_megatron_optimizer
+    assert hooked is not original and hooked.__wrapped__ is original
+    model = build_gpt_model(ModelConfig(**MODEL))
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    scion = hooked(ScionConfig(lr=0.05, scion_lr_output=0.01), [ddp])
+    assert type(scion) is ScionOptimizer
+    assert {g["name"]: g["lr"] for g in scion.param_groups} == \
+        {"embedding": 0.05, "hidden": 0.05, "output": 0.01, "gains": 0.05}
+    adam_config = OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=0.0)
+    adam = hooked(adam_config, [ddp])
+    assert type(adam) is type(original(adam_config, [ddp])) and not isinstance(adam, ScionOptimizer)
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(3))
+    before = [p.detach().clone() for p in model.parameters()]
+    ddp.zero_grad_buffer()
+    scion.zero_grad()
+    ddp(tokens[:, :-1], torch.arange(16).expand(2, -1), None, labels=tokens[:, 1:]).mean().backward()
+    ddp.finish_grad_sync()
+    assert scion.step()[0]
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    with pytest.raises(TypeError, match="ScionConfig"):
+        hooked(OptimizerConfig(optimizer="scion", lr=0.1), [ddp])
+    with pytest.raises(ValueError, match="config_overrides"):
+        hooked(ScionConfig(lr=0.1), [ddp], config_overrides={"any": "override"})
+    megatron_lm.uninstall()
+    assert mcore_optimizer.get_megatron_optimizer is original
+
+
+def test_get_megatron_optimizer_returns_scion_only_for_scion() -> None:
+    run_workers(dispatch_worker, 2)
+
+
+def norm_hook_worker(rank: int, world: int, out: str) -> None:
+    """PP2: Megatron-LM's order per iteration: curr_iteration, optimizer.step(), consumed samples, training_log."""
+    from megatron.core import parallel_state as ps
+
+    from disco_megatron.config import ModelConfig
+    from disco_megatron.integrations.megatron_lm import build_norm_hook
+    from disco_megatron.models import build_gpt_model
+    from disco_megatron.optim.config import ScionConfig
+    from disco_megatron.optim.megatron import get_scion_optimizer
+    from disco_megatron.runtime import initialize_parallel
+
+    initialize_parallel(1, 2)
+    model = build_gpt_model(ModelConfig(**MODEL))
+    opt = get_scion_optimizer(ScionConfig(lr=0.05), [model])
+    args = argparse.Namespace(curr_iteration=0, consumed_train_samples=0, seq_length=16, norm_log_interval=2,
+                              norm_log_file=None, tensorboard_dir=None, save=out)
+    hook = build_norm_hook([model], opt, args)
+    last = ps.is_pipeline_last_stage()
+    gen = torch.Generator().manual_seed(11 + rank)
+    output_update = None
+    for iteration in range(4):
+        args.curr_iteration = iteration
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        before = model.output_layer.weight.detach().clone() if last else None
+        assert opt.step()[0]
+        if last:
+            output_update = float((model.output_layer.weight.detach() - before).norm())
+        args.consumed_train_samples += 4
+        hook.after_log(iteration + 1, {"lm loss": torch.tensor(10.0 - iteration)} if last else {})
+    if last:
+        torch.save({"output_update": output_update}, Path(out) / "expected.pt")
+
+
+def test_norm_hook_in_megatron_lm_step_order(tmp_path: Path) -> None:
+    run_workers(norm_hook_worker, 2, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "norms.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["tokens"] for r in records] == [2 * 4 * 16, 4 * 4 * 16]
+    assert [r["loss"] for r in records] == [9.0, 7.0]
+    assert records[0]["lr"] == {"embedding": 0.05, "hidden": 0.05, "output": 0.05, "gains": 0.05}
+    layers = {name.split(".")[2] for name in records[1]["params"] if name.startswith("decoder.layers.")}
+    assert layers == {"0", "1", "2", "3"}  # stage 1's local layers 0-1 are global layers 2-3
+    assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= set(records[1]["updates"])
+    expected = torch.load(tmp_path / "expected.pt")["output_update"]
+    assert records[1]["updates"]["output_layer.weight"]["frobenius"] == pytest.approx(expected, rel=1e-5)
+
+
+def _dry_run_flags(tmp_path: Path) -> list[str]:
+    (tmp_path / "pretrain_gpt.py").write_text("")
+    env = dict(os.environ, DRY_RUN="1", MEGATRON_LM=str(tmp_path), NPROC_PER_NODE="2")
+    result = subprocess.run(["bash", str(EXAMPLE), "--seed", "7"], env=env, capture_output=True, text=True,
+                            timeout=60, check=True)
+    tokens = shlex.split(result.stdout)
+    i = tokens.index("-m")
+    assert tokens[i + 1:i + 3] == ["disco_megatron.integrations.megatron_lm", str(tmp_path / "pretrain_gpt.py")]
+    return tokens[i + 3:]
+
+
+def test_example_script_flags_parse(tmp_path: Path) -> None:
+    args, _ = _scion_parser().parse_known_args(_dry_run_flags(tmp_path))
+    assert (args.optimizer, args.scion_lr_output, args.scion_qkv_split, args.norm_log_interval) == \
+        ("scion", 0.005, "qkv", 10)
+
+
+def test_runner_refuses_bad_input(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "disco_megatron.integrations.megatron_lm", *args],
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    missing = run(str(tmp_path / "pretrain_gpt.py"), "--optimizer", "scion")
+    assert missing.returncode == 2 and "PRETRAIN_SCRIPT.py" in missing.stderr
+    if not _has_megatron_training():
+        script = tmp_path / "pretrain_gpt.py"
+        script.write_text("raise SystemExit('must not run')\n")
+        result = run(str(script))
+        assert result.returncode == 2 and "megatron.training is not importable" in result.stderr
+
+
+@needs_megatron_lm
+def test_megatron_lm_parser_accepts_the_example(tmp_path: Path) -> None:
+    from megatron.training import arguments
+
+    from disco_megatron.integrations import megatron_lm
+
+    megatron_lm.install()
+    try:
+        parser = arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+        args = parser.parse_args(_dry_run_flags(tmp_path))
+    finally:
+        megatron_lm.uninstall()
+    assert (args.optimizer, args.scion_lr_output, args.seed, args.transformer_impl) == \
+        ("scion", 0.005, 7, "transformer_engine")
+
+
+# Megatron-LM asserts CUDA in initialize_megatron and calls CUDA-only APIs on its way; on a CPU
+# machine this launcher stands in for them (test-only), on a GPU it just runs the plug-in.
+_LAUNCHER = textwrap.dedent('''
+    import contextlib, functools, torch
+    if not torch.cuda.is_available():
+        from disco_megatron.runtime import install_cpu_shims
+        from disco_megatron.runtime.cpu_shims import seed_rng_tracker
+        install_cpu_shims()
+        import megatron.training.initialize as init_module
+        import megatron.training.training as training
+        from megatron.core import parallel_state as ps
+
+        class _Stream:
+            def wait_stream(self, other): pass
+        torch.cuda.Stream = torch.cuda.current_stream = lambda *a, **k: _Stream()
+        torch.cuda.stream = lambda stream: contextlib.nullcontext()
+        torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+        for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+            setattr(torch.cuda, name, lambda *a, **k: 0)
+        init_module._compile_dependencies = lambda: None
+        distributed = init_module._initialize_distributed
+        def initialize_distributed(*a, **k):
+            distributed(*a, **k)
+            from megatron.training import get_args
+            args = get_args()
+            ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        init_module._initialize_distributed = initialize_distributed
+        initialize = training.initialize_megatron
+        def initialize_megatron(*a, **k):
+            result = initialize(*a, **dict(k, allow_no_cuda=True))
+            from megatron.training import get_args
+            seed_rng_tracker(get_args().seed, ps.get_tensor_model_parallel_rank())
+            return result
+        training.initialize_megatron = initialize_megatron
+    from disco_megatron.integrations.megatron_lm import main
+    main()
+''')
+
+
+@needs_megatron_lm
+def test_megatron_lm_pretrain_gpt_trains_with_scion(tmp_path: Path) -> None:
+    import megatron.training
+
+    script = Path(os.environ.get("MEGATRON_LM", Path(megatron.training.__file__).parents[2])) / "pretrain_gpt.py"
+    if not script.is_file():
+        pytest.skip(f"no pretrain_gpt.py at {script} (set MEGATRON_LM)")
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(_LAUNCHER)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    flags = ["--transformer-impl", "local", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--group-query-attention", "--ffn-hidden-size", "128", "--seq-length", "32",
+             "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--train-iters", "6", "--lr", "0.02", "--lr-decay-style", "constant", "--optimizer", "scion",
+             "--scion-qkv-split", "qkv", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+             "--distributed-backend", backend, "--log-interval", "1", "--norm-log-interval", "2",
+             "--eval-iters", "0", "--eval-interval", "1000", "--no-gradient-accumulation-fusion",
+             "--disable-bias-linear", "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+             "--untie-embeddings-and-output-weights", "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+             "--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-persist-layer-norm", "--rerun-mode", "disabled",
+             "--tensorboard-dir", str(tmp_path / "tb"), "--save", str(tmp_path / "ckpt"), "--save-interval", "6"]
+    if not torch.cuda.is_available():
+        flags.append("--use-cpu-initialization")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()),
+           str(launcher), str(script), *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1",
+               PYTHONPATH=os.pathsep.join([str(script.parent), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = [json.loads(line) for line in (tmp_path / "tb" / "norms.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert set(records[0]["lr"]) == {"embedding", "hidden", "output", "gains"}  # Scion's groups, not Adam's
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(v is not None for r in records for norms in r["updates"].values() for v in norms.values())
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"

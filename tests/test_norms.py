@@ -2,6 +2,7 @@
 the tracker's JSONL records vs norms of the full tensors, and the writers' round trips."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ from disco_megatron.norms import (
     sharded_norms,
     vector_norms,
 )
+from disco_megatron.norms.sharded import sharded_norms_many
 
 # Rows [3, 4, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]: orthogonal rows, singular values 5, 2, 0.
 HAND = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
@@ -138,6 +140,61 @@ def _sharded_worker(rank: int, world: int) -> None:
 
 def test_sharded_norms_equal_full_norms_tp_1_2_4():
     run_workers(_sharded_worker, 4)
+
+
+# (key, full shape, partition_dim, warm): split and replicated matrices and vectors; the warm ones
+# have a stored σ_max vector (WARM_ITERS Lanczos iterations), the cold ones run COLD_ITERS.
+BATCH_ITEMS = (("w0_cold", (24, 16), 0, False), ("w1_warm", (16, 40), 1, True), ("w0_warm", (32, 8), 0, True),
+               ("w1_cold", (12, 20), 1, False), ("r_warm", (10, 6), None, True), ("b0", (16,), 0, False),
+               ("rb", (6,), None, False))
+WARM_ITERS, COLD_ITERS = 3, 7
+
+
+def _batch_worker(rank: int, world: int) -> None:
+    group = dist.new_group([0, 1])
+    shards = [(key, _full(shape, 30 + i).chunk(world, dim=pdim)[rank] if pdim is not None else _full(shape, 30 + i),
+               pdim) for i, (key, shape, pdim, _) in enumerate(BATCH_ITEMS)]
+    primed = PowerIterationState(iters=WARM_ITERS, first_iters=COLD_ITERS)
+    for i, ((key, shard, pdim), (*_, warm)) in enumerate(zip(shards, BATCH_ITEMS)):
+        if warm:  # a stored vector from another matrix: the warm start is not the answer
+            sharded_norms(_full(tuple(shard.shape), 60 + i), pdim, group, state=primed, key=key)
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        single_state, many_state = copy.deepcopy(primed), copy.deepcopy(primed)
+        single = {key: sharded_norms(shard, pdim, group, state=single_state, key=key) for key, shard, pdim in shards}
+        single_calls, calls[:] = len(calls), []
+        many = sharded_norms_many(shards, group, state=many_state)
+        many_calls = len(calls)
+    finally:
+        dist.all_reduce = real_all_reduce
+    assert list(many) == [key for key, _, _ in shards] and many == single, f"rank {rank}: {many} != {single}"
+    assert many_state.vectors.keys() == single_state.vectors.keys()
+    assert all(torch.equal(many_state.vectors[k], v) for k, v in single_state.vectors.items())
+    split = [(pdim, warm, len(shape)) for _, shape, pdim, warm in BATCH_ITEMS if pdim is not None]
+    iters = [WARM_ITERS if warm else COLD_ITERS for pdim, warm, dims in split if dims == 2]
+    assert many_calls == 2 + max(iters), f"rank {rank}: {many_calls} all-reduces"
+    assert single_calls == 2 * len(split) + sum(iters), f"rank {rank}: {single_calls} all-reduces"
+    for i, (key, shape, pdim, _) in enumerate(BATCH_ITEMS):  # Lanczos-free norms vs the full tensor
+        full = _full(shape, 30 + i)
+        expected = matrix_norms(full) if full.dim() == 2 else vector_norms(full)
+        exact = {n: v for n, v in expected.items() if n != "rms_to_rms"}
+        _assert_norms_close({n: many[key][n] for n in exact}, exact, 1e-6, key)
+    with_condition = sharded_norms_many(shards, group, with_condition=True)
+    assert with_condition == {key: sharded_norms(shard, pdim, group, key=key, with_condition=True)
+                              for key, shard, pdim in shards}
+    with pytest.raises(ValueError, match="duplicate keys"):
+        sharded_norms_many(shards[:1] * 2, group)
+
+
+def test_sharded_norms_many_equals_per_tensor_with_one_collective_per_round():
+    run_workers(_batch_worker, 2)
 
 
 # Fake megatron parameters (global names, full TP1 shapes) on two pipeline stages.

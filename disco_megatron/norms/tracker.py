@@ -11,10 +11,11 @@ Who does what:
 
 - DP replicas hold identical parameters: only ``dp_rank == 0`` ranks compute; the others
   return at once.
-- Within a stage the TP ranks of DP replica 0 compute every split tensor together
-  (:func:`~disco_megatron.norms.sharded.sharded_norms`: all-reduces over ``tp_group``, in
-  ``named_params`` order, which is the same on every TP rank); replicated tensors are
-  computed by TP rank 0 alone.
+- Within a stage the TP ranks of DP replica 0 compute every split tensor together, all of them
+  in one :func:`~disco_megatron.norms.sharded.sharded_norms_many` call per kind (params,
+  updates): 2 + (largest σ_max iteration count) all-reduces over ``tp_group`` per kind, however
+  many tensors; ``named_params`` order is the same on every TP rank. Replicated tensors are
+  computed by TP rank 0 alone, in the same call, without communication.
 - TP rank 0 of each stage (DP replica 0) sends its results with one object gather over
   ``pp_group`` to the **last stage's** TP-rank-0 rank, the writer rank (DESIGN.md section 4:
   that is where the loss is, and where the training loop logs). It aggregates the groups
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from disco_megatron.norms.definitions import aggregate_groups
-from disco_megatron.norms.sharded import PowerIterationState, global_numel, param_partition_dim, sharded_norms
+from disco_megatron.norms.sharded import PowerIterationState, global_numel, param_partition_dim, sharded_norms_many
 from disco_megatron.optim.layout import param_group
 
 
@@ -131,16 +132,16 @@ class NormTracker:
         return record
 
     def _compute(self) -> dict:
-        params, updates, numels = {}, {}, {}
-        for name, p, pdim in self._mine:
-            after = p.detach().float()
-            params[name] = sharded_norms(after, pdim, self.tp_group, state=self._states["param"], key=name,
-                                         with_condition=self.with_condition)
-            updates[name] = sharded_norms(after - self._before[name], pdim, self.tp_group,
-                                          state=self._states["update"], key=name,
-                                          with_condition=self.with_condition)
-            numels[name] = global_numel(p, pdim, self.tp_group)
-        return {"params": params, "updates": updates, "numels": numels}
+        afters = [(name, p.detach().float(), pdim) for name, p, pdim in self._mine]
+        # Each update is written over its snapshot: all updates are alive at once for the batched
+        # call, without a second fp32 copy of the parameters.
+        updates = [(name, torch.sub(after, self._before[name], out=self._before[name]), pdim)
+                   for name, after, pdim in afters]
+        return {"params": self._norms("param", afters), "updates": self._norms("update", updates),
+                "numels": {name: global_numel(p, pdim, self.tp_group) for name, p, pdim in self._mine}}
+
+    def _norms(self, kind: str, items: list[tuple[str, torch.Tensor, int | None]]) -> dict[str, dict[str, float]]:
+        return sharded_norms_many(items, self.tp_group, state=self._states[kind], with_condition=self.with_condition)
 
     def _gather(self, local: dict) -> list[dict]:
         if self.pp_size == 1 or self.pp_group is None:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from _dist import free_port, run_workers
-from disco_megatron.config import _SCION_FLAGS
+from disco_megatron.config import SCION_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "megatron_lm" / "pretrain_gpt_scion.sh"
@@ -72,7 +72,7 @@ def test_parser_gets_every_scion_flag_and_the_scion_choice(capsys) -> None:
     with pytest.raises(SystemExit):
         plain.parse_args(["--optimizer", "scion"])  # the stand-in rejects it like Megatron-LM does
     parser = _scion_parser()
-    for flag, _, _ in _SCION_FLAGS.values():
+    for flag, _, _ in SCION_FLAGS.values():
         assert flag in parser._option_string_actions, flag
     args = parser.parse_args(["--optimizer", "scion", "--lr", "0.03", "--scion-lr-output", "0.01",
                               "--scion-momentum", "0.2", "--scion-radius-output", "7", "--scion-constrained",

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
-from disco_megatron.config import _CHOICES, _RUN_FLAGS, _SCION_FLAGS, RunConfig, ScionFlags, _add
+from disco_megatron.config import CHOICES, RUN_FLAGS, SCION_FLAGS, RunConfig, ScionFlags, add_flags
 
 if TYPE_CHECKING:
     from disco_megatron.optim.config import ScionConfig
@@ -56,8 +56,8 @@ _OPTIMIZER = "megatron.core.optimizer"
 # (module, attribute) -> original, for uninstall() and so install() is idempotent.
 _ORIGINALS: dict[tuple[str, str], Any] = {}
 _NORM_HOOK: Optional["NormHook"] = None
-_NORM_FLAG = {"norm_log_interval": (*_RUN_FLAGS["norm_log_interval"][:2],
-                                    _RUN_FLAGS["norm_log_interval"][2] + " (0: off)")}
+_NORM_FLAG = {"norm_log_interval": (*RUN_FLAGS["norm_log_interval"][:2],
+                                    RUN_FLAGS["norm_log_interval"][2] + " (0: off)")}
 
 
 def add_scion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,15 +71,15 @@ def add_scion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if optimizer is not None and optimizer.choices is not None and SCION not in optimizer.choices:
         optimizer.choices = [*optimizer.choices, SCION]
     group = parser.add_argument_group("scion", "disco_megatron: distributed Scion (--optimizer scion)")
-    _add(group, _SCION_FLAGS, ScionFlags(), "scion_")
+    add_flags(group, SCION_FLAGS, ScionFlags(), "scion_")
     for action in group._group_actions:
-        allowed = _CHOICES.get("scion." + action.dest[len("scion_"):])
+        allowed = CHOICES.get("scion." + action.dest[len("scion_"):])
         if allowed is not None:
             action.choices = allowed[1]
     group.add_argument("--scion-constrained", action="store_true",
                        help="constrained update W <- (1-lr) W - lr radius lmo(d) (default: unconstrained)")
     if "--norm-log-interval" not in parser._option_string_actions:
-        _add(group, _NORM_FLAG, RunConfig(), "")
+        add_flags(group, _NORM_FLAG, RunConfig(), "")
     group.add_argument("--norm-log-file", default=None,
                        help="norms.jsonl path (default: TENSORBOARD_DIR/norms.jsonl, else SAVE/norms.jsonl)")
     return parser
@@ -90,7 +90,7 @@ def scion_config_from_args(args: argparse.Namespace) -> "ScionConfig":
     from disco_megatron.optim.config import scion_config_from_flags
 
     flags = ScionFlags(constrained=args.scion_constrained,
-                       **{name: getattr(args, "scion_" + name) for name in _SCION_FLAGS})
+                       **{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
     config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16)
     if getattr(args, "clip_grad", 0.0):
         logger.info("--optimizer scion never clips gradients; --clip-grad %s is ignored", args.clip_grad)

@@ -6,6 +6,7 @@ validated :class:`RunConfig`, raising :class:`ConfigError` with a message that n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -184,15 +185,19 @@ class RunConfig:
                 f"{self.micro_batch_size} x data-parallel size {dp}"
             )
         positive = {"--lr": self.lr, "--train-iters": self.train_iters, "--micro-batch-size": self.micro_batch_size,
-                    "--log-interval": self.log_interval, "--norm-log-interval": self.norm_log_interval}
+                    "--global-batch-size": self.global_batch_size, "--log-interval": self.log_interval,
+                    "--norm-log-interval": self.norm_log_interval, "--max-skipped-steps": self.max_skipped_steps,
+                    "--distributed-timeout-minutes": self.distributed_timeout_minutes,
+                    "--save-interval": self.save_interval, "--eval-interval": self.eval_interval,
+                    "--eval-iters": self.eval_iters}
         for flag, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{flag} must be > 0 (got {value})")
+            if value is not None and not 0 < value < math.inf:  # `not` also rejects NaN
+                raise ConfigError(f"{flag} must be a finite number > 0 (got {value})")
         for flag, value in (("--scion-lr-embedding", self.scion.lr_embedding),
                             ("--scion-lr-hidden", self.scion.lr_hidden),
                             ("--scion-lr-output", self.scion.lr_output), ("--min-lr", self.min_lr)):
-            if value is not None and value < 0:
-                raise ConfigError(f"{flag} must be >= 0 (got {value})")
+            if value is not None and not 0 <= value < math.inf:
+                raise ConfigError(f"{flag} must be a finite number >= 0 (got {value})")
         if not 0.0 < self.scion.momentum <= 1.0:
             raise ConfigError(f"--scion-momentum must be in (0, 1] (got {self.scion.momentum})")
         if self.data_path is not None and self.tokenizer_model is None:
@@ -200,15 +205,30 @@ class RunConfig:
         for flag, path in (("--tokenizer-model", self.tokenizer_model), ("--load", self.load)):
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"{flag} {path}: no such file or directory")
-        if self.data_path is not None and not os.path.exists(self.data_path + ".idx"):
-            raise ConfigError(
-                f"--data-path {self.data_path}: no such indexed dataset ({self.data_path}.idx missing); "
-                "create it with tools/preprocess_data.py"
-            )
+        if self.load is not None and not os.path.isdir(self.load):
+            raise ConfigError(f"--load {self.load}: not a directory; pass a checkpoint directory (a run's --save)")
+        self._validate_ckpt_step()
+        if self.data_path is not None:
+            from disco_megatron.data.indexed import require_indexed_dataset
+
+            require_indexed_dataset(self.data_path)
         return dp
 
+    def _validate_ckpt_step(self) -> None:
+        """``--ckpt-step`` must name a saved iteration of ``--load`` (listed in the message when not)."""
+        if self.ckpt_step is None:
+            return
+        if self.load is None:
+            raise ConfigError(f"--ckpt-step {self.ckpt_step} needs --load (the checkpoint directory to load from)")
+        from disco_megatron.training.checkpointing import checkpoint_dir, saved_iterations
 
-_MODEL_FLAGS = {
+        if not os.path.isdir(checkpoint_dir(self.load, self.ckpt_step)):
+            saved = ", ".join(map(str, saved_iterations(self.load))) or "none"
+            raise ConfigError(f"--ckpt-step {self.ckpt_step}: {checkpoint_dir(self.load, self.ckpt_step)} does not "
+                              f"exist (saved iterations in --load {self.load}: {saved})")
+
+
+MODEL_FLAGS = {
     "num_layers": ("--num-layers", int, "number of transformer layers"),
     "hidden_size": ("--hidden-size", int, "model width"),
     "num_attention_heads": ("--num-attention-heads", int, "attention heads"),
@@ -230,7 +250,7 @@ _MODEL_FLAGS = {
     "fp8_recipe": ("--fp8-recipe", str, "delayed, tensorwise, mxfp8 or blockwise (what the installed TE supports)"),
 }
 
-_RUN_FLAGS = {
+RUN_FLAGS = {
     "tensor_model_parallel_size": ("--tensor-model-parallel-size", int, "TP size"),
     "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", int, "PP size (DP = world / (TP x PP))"),
     "micro_batch_size": ("--micro-batch-size", int, "sequences per microbatch per DP rank"),
@@ -266,7 +286,7 @@ _RUN_FLAGS = {
     "distributed_timeout_minutes": ("--distributed-timeout-minutes", int, "collective timeout; a dead rank ends the run after it"),
 }
 
-_SCION_FLAGS = {
+SCION_FLAGS = {
     "lr_embedding": ("--scion-lr-embedding", float, "lr of the embedding group (default --lr)"),
     "lr_hidden": ("--scion-lr-hidden", float, "lr of hidden matrices and gains (default --lr)"),
     "lr_output": ("--scion-lr-output", float, "lr of the output layer (default --lr)"),
@@ -284,23 +304,30 @@ _SCION_FLAGS = {
 }
 
 
-def _add(group: argparse._ArgumentGroup, table: dict, defaults: object, prefix: str) -> None:
+def add_flags(group: argparse._ArgumentGroup, table: dict, defaults: object, prefix: str) -> None:
     for name, (flag, typ, text) in table.items():
         default = getattr(defaults, name)
         group.add_argument(flag, dest=prefix + name, type=typ, default=default, metavar=name.upper(),
                            help=f"{text} (default: {default})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, on every rank) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:
+        raise ConfigError(f"{message} (see disco-pretrain --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``disco-pretrain`` (Megatron-LM flag names where Megatron has them)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="disco-pretrain",
         description="Pretrain a GPT with megatron-core and the distributed Scion optimizer. "
         "Launch with torchrun; world size = TP x PP x DP.",
     )
     run_defaults, model_defaults, scion_defaults = RunConfig(), ModelConfig(), ScionFlags()
     model = parser.add_argument_group("model")
-    _add(model, _MODEL_FLAGS, model_defaults, "model.")
+    add_flags(model, MODEL_FLAGS, model_defaults, "model.")
     model.add_argument("--group-query-attention", action="store_true",
                        help="accepted for Megatron-LM compatibility; GQA is on when --num-query-groups < heads")
     model.add_argument("--no-swiglu", dest="model.swiglu", action="store_false", default=True,
@@ -319,17 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fp8-param-gather", dest="model.fp8_param_gather", action="store_true", default=False,
                        help="keep FP8 model weights (TransformerEngine), refreshed from fp32 masters")
     run = parser.add_argument_group("run")
-    _add(run, _RUN_FLAGS, run_defaults, "")
+    add_flags(run, RUN_FLAGS, run_defaults, "")
     run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")
     run.add_argument("--no-load-rng", action="store_true", help="with --load: do not load RNG state")
     scion = parser.add_argument_group("scion")
-    _add(scion, _SCION_FLAGS, scion_defaults, "scion.")
+    add_flags(scion, SCION_FLAGS, scion_defaults, "scion.")
     scion.add_argument("--scion-constrained", dest="scion.constrained", action="store_true", default=False,
                        help="constrained update W <- (1-lr) W - lr radius lmo(d) (default: unconstrained)")
     return parser
 
 
-_CHOICES = {
+CHOICES = {
     "optimizer": ("--optimizer", ("scion", "adam")),
     "lr_decay_style": ("--lr-decay-style", ("constant", "linear", "cosine", "inverse-square-root", "WSD")),
     "model.position_embedding_type": ("--position-embedding-type", ("rope", "learned_absolute")),
@@ -350,7 +377,7 @@ def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see disco-pretrain --help)")
     values = vars(namespace)
-    for key, (flag, allowed) in _CHOICES.items():
+    for key, (flag, allowed) in CHOICES.items():
         if values.get(key) not in allowed:
             shown = ", ".join(a for a in allowed if a is not None)
             raise ConfigError(f"{flag} {values.get(key)}: choose one of {shown}")

@@ -5,23 +5,66 @@ flag or file, exit code 2, no traceback wall and no hang.
 """
 from __future__ import annotations
 
+import datetime
+import os
 import sys
+import time
 from typing import Optional, Sequence
+
+# How long a failing rank waits for the other ranks to report theirs before it exits.
+PEER_REPORT_WAIT_S = 20.0
+
+
+def wait_for_peer_reports(timeout_s: float = PEER_REPORT_WAIT_S) -> None:
+    """Count this rank's failure in torchrun's store and wait until every rank has counted one.
+
+    torchrun stops all workers as soon as one exits, so without the wait only the fastest rank
+    would print its message. Bounded: a rank that fails alone (its peers blocked in a collective)
+    exits after ``timeout_s`` and torchrun stops the rest. Only under torchrun's agent store, which
+    outlives the workers; a no-op for a single process or another launcher.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from torch.distributed import TCPStore
+
+    key = f"disco_pretrain/failed_ranks/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+        store.add(key, 1)
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except (RuntimeError, OSError, KeyError, ValueError):  # the store is gone: nothing left to wait for
+        return
+
+
+def _fail(message: str) -> int:
+    """Print the one error line, let the other ranks print theirs, return the exit code."""
+    from disco_megatron.training.logs import error
+
+    error(message)
+    wait_for_peer_reports()
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from disco_megatron.config import ConfigError, parse_run_config
-    from disco_megatron.training.checkpointing import CheckpointError
-    from disco_megatron.training.logs import error
-    from disco_megatron.training.loop import TrainingError, pretrain
-    from disco_megatron.runtime import destroy_parallel
 
-    expected = (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError)
+    try:  # before megatron's slow import: bad flags and sizes are reported at once
+        cfg = parse_run_config(argv)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    from disco_megatron.runtime import destroy_parallel
+    from disco_megatron.training.checkpointing import CheckpointError
+    from disco_megatron.training.loop import TrainingError, pretrain
+
     try:
-        pretrain(parse_run_config(argv))
-    except expected as exc:
-        error(str(exc))
-        return 2
+        pretrain(cfg)
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
     finally:
         destroy_parallel()
     return 0

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import (
+    _INDEX_HEADER,
     DType,
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -35,6 +38,8 @@ from disco_megatron.data.tokenizer import (
 )
 
 logger = logging.getLogger(__name__)
+# magic (9 bytes), version (u64), dtype code (u8), sequence count (u64), document count (u64)
+_IDX_HEADER_BYTES = 34
 
 
 @dataclass(frozen=True)
@@ -96,13 +101,39 @@ def write_indexed_dataset(
 
 
 def require_indexed_dataset(prefix: str) -> None:
-    """Raise a FileNotFoundError saying how to make ``prefix.{bin,idx}`` when one is missing."""
+    """Raise a FileNotFoundError saying how to make ``prefix.{bin,idx}`` when one is missing,
+    and a ValueError naming the file when one is corrupt or truncated."""
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"--data-path {prefix}: no such file {path}; run tools/preprocess_data.py first "
                 "(the prefix excludes the .bin/.idx suffix)"
             )
+    check_indexed_sizes(prefix)
+
+
+def check_indexed_sizes(prefix: str) -> None:
+    """Check both files against the index header before megatron memory-maps them.
+
+    A truncated ``.bin`` (a copy cut short, a full disk) would otherwise fail mid-training on
+    whichever rank first reads past its end; a truncated ``.idx`` with an assertion.
+    """
+    idx, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    fix = "re-create it with tools/preprocess_data.py"
+    with open(idx, "rb") as f:
+        header = f.read(_IDX_HEADER_BYTES)
+        if len(header) < _IDX_HEADER_BYTES or header[:9] != _INDEX_HEADER:
+            raise ValueError(f"--data-path {prefix}: {idx} is not a megatron index file (bad header); {fix}")
+        version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+        expected = _IDX_HEADER_BYTES + 12 * sequences + 8 * documents  # int32 lengths, int64 pointers, int64 docs
+        if version != 1 or os.path.getsize(idx) != expected:
+            raise ValueError(f"--data-path {prefix}: {idx} has {os.path.getsize(idx)} bytes but its header "
+                             f"(version {version}) describes {expected}: truncated or corrupt; {fix}")
+        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
+    expected = int(lengths.sum(dtype=np.int64)) * DType.size(DType.dtype_from_code(code))
+    if os.path.getsize(bin_path) != expected:
+        raise ValueError(f"--data-path {prefix}: {bin_path} has {os.path.getsize(bin_path)} bytes but "
+                         f"{idx} describes {expected}: truncated or corrupt; {fix}")
 
 
 def read_indexed_dataset(prefix: str) -> IndexedDataset:

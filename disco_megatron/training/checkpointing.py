@@ -8,6 +8,7 @@ A crash during a save leaves a ``.tmp`` directory behind and the previous checkp
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
 import signal
@@ -132,6 +133,20 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, model_config:
     return sharded
 
 
+def _in_process_results_queue() -> None:
+    """Give megatron's checkpoint writer a plain queue instead of a multiprocessing Manager's.
+
+    On a rank's first save megatron spawns a Manager process only to carry write results, and keeps
+    it for the rank's life. A synchronous save (ours) runs the writer in this process and needs no
+    such process; a rank killed hard (SIGKILL, OOM killer) would leave it orphaned, holding the
+    launcher's output pipes open, and spawning it costs seconds.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, model_config: dict,
                     parallel: dict) -> str:
     """Write ``SAVE/iter_N`` atomically on every rank, then move the ``latest`` pointer (rank 0)."""
@@ -147,6 +162,7 @@ def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, m
     torch.distributed.barrier()
     sharded = _sharded_state(model, optimizer, scheduler, state, model_config, parallel,
                              is_loading=False, with_optimizer=True, with_rng=True)
+    _in_process_results_queue()
     dist_checkpointing.save(sharded, tmp)
     torch.distributed.barrier()
     if rank == 0 and state.iteration in _fault_kill_iterations():

@@ -171,7 +171,8 @@ def pretrain(cfg: RunConfig) -> dict:
 
     parallel = {"tp": info.tp, "pp": info.pp, "dp": info.dp}
     state = checkpointing.TrainState()
-    if cfg.load is not None and checkpointing.latest_iteration_or_none(cfg.load) is not None:
+    if cfg.load is not None and (cfg.ckpt_step is not None
+                                 or checkpointing.latest_iteration_or_none(cfg.load) is not None):
         state = checkpointing.load_checkpoint(cfg.load, model, optimizer, scheduler, _model_config_record(cfg),
                                               parallel, load_optim=not cfg.no_load_optim,
                                               load_rng=not cfg.no_load_rng, iteration=cfg.ckpt_step)

@@ -1,0 +1,195 @@
+"""Faults lose nothing: a killed rank, a save cut short, non-finite steps; resume is bit-exact.
+
+Every run is a real torchrun launch of ``disco_megatron.train`` on the tiny model; checkpoints
+are read back with torch's DCP reader (no process group), so weights are compared as saved.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from disco_megatron.training.launch import torchrun_command
+from tests._launch import TINY_MODEL, read_log, torchrun, train_losses
+from tests.test_bad_inputs import LAUNCHER_FAILED, assert_reported
+
+OPTIMIZER = ["--optimizer", "scion", "--lr", "0.01"] if importlib.util.find_spec("disco_megatron.optim.megatron") \
+    else ["--optimizer", "adam", "--lr", "3e-3"]
+TP2 = ["--tensor-model-parallel-size", "2"]
+TP2PP2 = [*TP2, "--pipeline-model-parallel-size", "2"]
+EXIT_LIMIT_S = 60.0
+
+
+def _args(run_dir: Path, iters: int, *extra: str) -> list[str]:
+    return [*TINY_MODEL, *OPTIMIZER, "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", str(iters), "--log-interval", "1", "--run-dir", str(run_dir), *extra]
+
+
+def checkpoint_tensors(ckpt: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved iteration (model and optimizer state), whole, by flattened key."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / f"{ckpt.parent.parent.name}_{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    flat: dict[str, torch.Tensor] = {}
+    pending = [("", torch.load(out, weights_only=False))]
+    while pending:
+        prefix, tree = pending.pop()
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                pending.append((f"{prefix}{key}.", value))
+            elif torch.is_tensor(value):
+                flat[prefix + key] = value
+    return flat
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    assert any(k.startswith("optimizer.") for k in a), "optimizer state must be in the checkpoint"
+    for key in a:
+        assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max().item())
+
+
+def test_resume_is_bit_exact_in_losses_and_weights(tmp_path):
+    """20 steps vs 10 + save + load + 10: the same losses and the same final weights and optimizer state."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = torchrun(2, _args(full, 20, *TP2, "--save-interval", "10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(2, _args(resumed, 20, *TP2, "--load", str(full / "checkpoints"), "--ckpt-step", "10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses, again = train_losses(full), train_losses(resumed)
+    assert sorted(again) == list(range(11, 21))
+    assert [again[i] for i in range(11, 21)] == [losses[i] for i in range(11, 21)]
+    assert losses[20] < losses[1]
+    final = checkpoint_tensors(full / "checkpoints" / "iter_0000020", tmp_path)
+    assert_same_tensors(final, checkpoint_tensors(resumed / "checkpoints" / "iter_0000020", tmp_path))
+    assert not torch.equal(final["output_layer.weight"],
+                           checkpoint_tensors(full / "checkpoints" / "iter_0000010", tmp_path)["output_layer.weight"])
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    """NaN at 3, 4 (skipped: weights of iter 4 == iter 2), then 6, 7, 8: the third in a row stops the run."""
+    run = tmp_path / "run"
+    result = torchrun(2, _args(run, 10, *TP2, "--save-interval", "2", "--max-skipped-steps", "3"),
+                      env={"DISCO_FAULT_NAN_AT": "3,4,6,7,8"})
+    assert result.returncode != 0
+    assert LAUNCHER_FAILED in result.stderr
+    assert_reported(result.stderr, 2, "3 non-finite steps in a row", "--max-skipped-steps 3")
+    assert "iteration 3: skipped, non-finite loss/gradients (1 in a row, 1 in total)" in result.stdout
+    assert "iteration 7: skipped, non-finite loss/gradients (2 in a row, 4 in total)" in result.stdout
+    records = {r["iteration"]: r for r in read_log(run) if "loss" in r}
+    assert sorted(records) == list(range(1, 8))
+    assert [records[i]["skipped_steps"] for i in range(1, 8)] == [0, 0, 1, 2, 2, 3, 4]
+    assert all(math.isnan(records[i]["loss"]) for i in (3, 4, 6, 7))
+    assert all(math.isfinite(records[i]["loss"]) for i in (1, 2, 5))
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    saved = {i: checkpoint_tensors(ckpts / f"iter_{i:07d}", tmp_path) for i in (2, 4, 6)}
+    for tensors in saved.values():
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert_same_tensors(saved[2], saved[4])
+    assert not torch.equal(saved[4]["output_layer.weight"], saved[6]["output_layer.weight"])
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    """SIGKILL after the shards of iteration 4 are written, before the rename: pointer and iter 2 stay
+    valid, the resumed run repeats steps 3-4 exactly and finishes, replacing the leftover .tmp."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    ckpts = first / "checkpoints"
+    result = torchrun(2, _args(first, 6, *TP2, "--save-interval", "2"), env={"DISCO_FAULT_KILL_IN_SAVE_AT": "4"})
+    assert result.returncode != 0
+    assert (ckpts / "iter_0000004.tmp").is_dir() and not (ckpts / "iter_0000004").exists()
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "2"
+    result = torchrun(2, _args(resumed, 6, *TP2, "--load", str(ckpts), "--save", str(ckpts), "--save-interval", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {ckpts} at iteration 2" in result.stdout
+    before, after = train_losses(first), train_losses(resumed)
+    assert sorted(after) == [3, 4, 5, 6]
+    assert [after[3], after[4]] == [before[3], before[4]]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert not list(ckpts.glob("*.tmp"))
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _latest(ckpts: Path) -> str:
+    pointer = ckpts / "latest_checkpointed_iteration.txt"
+    return pointer.read_text() if pointer.is_file() else ""
+
+
+def _logged_iterations(run_dir: Path) -> int:
+    return max(train_losses(run_dir), default=0) if (run_dir / "train_log.jsonl").is_file() else 0
+
+
+def _workers(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """torchrun's worker processes by global rank."""
+    found = {}
+    for child in launcher.children():
+        rank = child.environ().get("RANK")
+        if rank is not None:
+            found[int(rank)] = child
+    return found
+
+
+def _kill_tree(launcher: subprocess.Popen) -> None:
+    """SIGKILL a launcher this test started, and its workers, if it is still running (not yet reaped,
+    so its pid is still its own)."""
+    if launcher.poll() is not None:
+        return
+    root = psutil.Process(launcher.pid)
+    for process in [*root.children(recursive=True), root]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    launcher.wait()
+
+
+def test_killed_rank_stops_every_rank_and_the_run_resumes(tmp_path):
+    """SIGKILL rank 1 of a TP2xPP2 run after its iteration-4 checkpoint: torchrun stops every other
+    rank (SIGTERM, well within a minute; the gloo timeout is only the backstop), and a relaunch with
+    --load repeats the lost steps exactly and reaches the last iteration."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    ckpts = first / "checkpoints"
+    cmd = torchrun_command(_args(first, 12, *TP2PP2, "--save-interval", "4"), 4)
+    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
+        launcher = subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            _wait_for(lambda: (_latest(ckpts) == "4" and _logged_iterations(first) >= 6) or launcher.poll() is not None,
+                      300, "iteration 6 after the first checkpoint")
+            assert launcher.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+            workers = _workers(psutil.Process(launcher.pid))
+            assert sorted(workers) == [0, 1, 2, 3]
+            killed_at = time.monotonic()
+            os.kill(workers[1].pid, signal.SIGKILL)
+            _, alive = psutil.wait_procs([workers[r] for r in (0, 2, 3)], timeout=EXIT_LIMIT_S)
+            assert not alive, f"ranks still running {EXIT_LIMIT_S} s after rank 1 was killed"
+            assert launcher.wait(timeout=EXIT_LIMIT_S) != 0
+            assert time.monotonic() - killed_at < EXIT_LIMIT_S
+        finally:
+            _kill_tree(launcher)
+    exit_codes = dict(re.findall(r"rank\s+: (\d) \(local_rank: \d\)\n\s+exitcode\s+: (-?\d+)",
+                                 (tmp_path / "first.err").read_text()))
+    assert exit_codes == {"1": str(-signal.SIGKILL), "0": str(-signal.SIGTERM), "2": str(-signal.SIGTERM),
+                          "3": str(-signal.SIGTERM)}, exit_codes
+    lost = train_losses(first)
+    assert _latest(ckpts) in ("4", "8") and max(lost) < 12
+    start = int(_latest(ckpts))
+    result = torchrun(4, _args(resumed, 12, *TP2PP2, "--load", str(ckpts)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = train_losses(resumed)
+    assert sorted(again) == list(range(start + 1, 13))
+    assert [again[i] for i in range(start + 1, max(lost) + 1)] == [lost[i] for i in range(start + 1, max(lost) + 1)]

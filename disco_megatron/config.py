@@ -202,6 +202,9 @@ class RunConfig:
             raise ConfigError(f"--scion-momentum must be in (0, 1] (got {self.scion.momentum})")
         if self.data_path is not None and self.tokenizer_model is None:
             raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model it was tokenized with)")
+        if self.tokenizer_model is not None and self.data_path is None:
+            raise ConfigError("--tokenizer-model needs --data-path (data tokenized with it); without --data-path "
+                              "the embedded corpus trains its own tokenizer of --vocab-size pieces")
         for flag, path in (("--tokenizer-model", self.tokenizer_model), ("--load", self.load)):
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"{flag} {path}: no such file or directory")

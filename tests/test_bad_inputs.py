@@ -95,6 +95,7 @@ PARSE_CASES = {
         ["--data-path", str(t / "nothing"), "--tokenizer-model", d[1]],
         ["--data-path", str(t / "nothing.idx"), "preprocess_data.py"]),
     "data_path_without_tokenizer": lambda t, d: (["--data-path", d[0]], ["--data-path", "--tokenizer-model"]),
+    "tokenizer_without_data_path": lambda t, d: (["--tokenizer-model", d[1]], ["--tokenizer-model", "--data-path"]),
     "missing_tokenizer_model": lambda t, d: (
         ["--data-path", d[0], "--tokenizer-model", str(t / "sp.model")], ["--tokenizer-model", str(t / "sp.model")]),
     "truncated_idx": lambda t, d: (

@@ -110,7 +110,7 @@ def test_from_hf_to_hf_round_trip_is_bit_identical(hf_dir, tmp_path, capsys):
     assert _convert("from-hf", "--hf", hf_dir, "--out", save, "--force") == 0
     printed = capsys.readouterr().out
     assert not (save / "stale").exists() and (save / "latest_checkpointed_iteration.txt").read_text() == "0"
-    flags = printed.split("--no-load-optim", 1)[1].split("[--data-path")[0].split()
+    flags = printed.split("--no-load-optim", 1)[1].splitlines()[0].split()
     _, common = read_common_state(str(save))
     assert "optimizer_type" not in common and common["train_state"]["iteration"] == 0
     check_compatible(str(save), common["model_config"], asdict(parse_run_config(flags).model))

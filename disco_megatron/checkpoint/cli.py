@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_NOTE = ("  (DATA_PREFIX: an indexed dataset tokenized with that tokenizer, see tools/preprocess_data.py; "
+             "without a tokenizer, add your --data-path and --tokenizer-model)")
+
+
 def run(args: argparse.Namespace) -> None:
     from disco_megatron.checkpoint import convert
 
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "from-hf":
         flags = convert.from_hf(args.hf, args.out, args.tokenizer_model, args.force)
         print(f"wrote {args.out} (TP1/PP1, iteration 0, no optimizer state); continue training with:")
-        print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)} [--data-path ...]")
+        print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)}")
+        print(DATA_NOTE)
     elif args.command == "reshard":
         path = convert.reshard(args.load, args.out, args.target_tp, args.target_pp, args.ckpt_step,
                                args.run_config, args.force)
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
                                                   args.force)
         print(f"wrote {args.out} from legacy iteration {iteration} (TP1/PP1, iteration 0, weights only); "
               "continue training with:")
-        print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)} [--data-path ...]")
+        print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)}")
+        print(DATA_NOTE)
     else:
         print(convert.inspect_checkpoint(args.load, args.ckpt_step))
 

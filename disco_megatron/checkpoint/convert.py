@@ -155,6 +155,11 @@ def write_full_checkpoint(save: str, full: dict[str, Tensor], cfg: ModelConfig, 
         return checkpointing.save_checkpoint(save, model, None, None, checkpointing.TrainState(), asdict(cfg), _TP1)
 
 
+def data_flags(tokenizer: Optional[str]) -> list[str]:
+    """Data flags to continue training with the converted model's tokenizer (DATA_PREFIX: your data)."""
+    return ["--data-path", "DATA_PREFIX", "--tokenizer-model", tokenizer] if tokenizer else []
+
+
 def model_flags(cfg: ModelConfig) -> list[str]:
     """The disco-pretrain flags that rebuild exactly this model shape."""
     flags = ["--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
@@ -271,7 +276,7 @@ def from_hf(hf_dir: str, out: str, tokenizer_model: Optional[str] = None, force:
     full = {name: t.float() for name, t in full.items()}
     with staged_output(out) as tmp:
         write_full_checkpoint(tmp, full, cfg, hf_dir)
-    return model_flags(cfg) + (["--tokenizer-model", tokenizer] if tokenizer else [])
+    return model_flags(cfg) + data_flags(tokenizer)
 
 
 def convert_legacy(load: str, out: str, iteration: Optional[int] = None, tokenizer_model: Optional[str] = None,
@@ -291,7 +296,7 @@ def convert_legacy(load: str, out: str, iteration: Optional[int] = None, tokeniz
                               "pieces; pass the --tokenizer-model the run used")
     with staged_output(out) as tmp:
         write_full_checkpoint(tmp, legacy.full_state, cfg, load)
-    return legacy.iteration, model_flags(cfg) + (["--tokenizer-model", tokenizer_model] if tokenizer_model else [])
+    return legacy.iteration, model_flags(cfg) + data_flags(tokenizer_model)
 
 
 def find_run_config(load: str, run_config: Optional[str]) -> str:

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: model presets, the optimizer's matrix list, gloo launch, tables, results.
+"""Shared by the benchmarks: model presets, the optimizer's matrix list, tables, results.
 
 The benchmarks build the optimizer's view of a model from shapes alone (megatron parameter
 names from :func:`~disco_megatron.checkpoint.hf_llama.megatron_shapes`, layouts from
@@ -13,17 +13,14 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from disco_megatron.checkpoint.hf_llama import megatron_shapes
 from disco_megatron.config import ModelConfig, ScionFlags
@@ -108,31 +105,6 @@ def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def launch(fn: Callable[..., None], world_size: int, *args: Any) -> None:
-    """Run top-level ``fn(rank, world_size, *args)`` in ``world_size`` one-thread gloo processes
-    with torchrun's environment variables set (so ``initialize_parallel`` works in ``fn``; a
-    worker that calls it also calls ``destroy_parallel``); a failing rank raises here."""
-    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import QKV_SPLIT, describe, format_table, launch, preset, stage_layouts, whole_matrices, \
+from disco_megatron.runtime.spawn import run_workers
+from _common import QKV_SPLIT, describe, format_table, preset, stage_layouts, whole_matrices, \
     whole_matrix_bytes, write_result
 
 MODES = ("owner", "duplicated")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for tp in args.tp:
             path = str(Path(tmp, f"tp{tp}.json"))
-            launch(comm_worker, tp, name, args.ns_steps, path)
+            run_workers(comm_worker, tp, name, args.ns_steps, path)
             results.append(summarize(tp, json.loads(Path(path).read_text())))
     mb = 1e6
     rows = []

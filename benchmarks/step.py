@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import describe, format_table, launch, median, preset, stage_layouts, write_result
+from disco_megatron.runtime.spawn import run_workers
+from _common import describe, format_table, median, preset, stage_layouts, write_result
 from disco_megatron.config import RunConfig, ScionFlags
 
 OPTIMIZERS = ("scion_owner", "scion_duplicated", "adam")
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     names = OPTIMIZERS[:1] if args.only == "tracker" else OPTIMIZERS
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "step.json")
-        launch(step_worker, args.tp, name, repeats, str(path), names)
+        run_workers(step_worker, args.tp, name, repeats, str(path), names)
         result = summarize(json.loads(path.read_text()))
     train = result["train_step_s"]
     header = (f"{name}: {describe(cfg)}; TP{args.tp} gloo, 1 thread/rank, fp32; {repeats} repeats (medians); "

@@ -1,40 +1,16 @@
-"""Spawn gloo worker processes for multi-rank tests; a failing worker fails the test."""
+"""Multi-rank test helpers: gloo workers (a failing worker fails the test) and megatron-ordered groups."""
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from disco_megatron.runtime.spawn import free_port, run_workers
+
+__all__ = ["free_port", "run_workers", "megatron_groups"]
 
 if TYPE_CHECKING:
     from disco_megatron.optim.distributed import StageGroups
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, fn: Callable[..., None], world_size: int, port: int, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    import torch
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_workers(fn: Callable[..., None], world_size: int, *args: Any) -> None:
-    """Run top-level ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes."""
-    mp.spawn(_worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
 
 
 def megatron_groups(tp: int, pp: int) -> tuple["StageGroups", tuple[int, int, int]]:

@@ -1,12 +1,16 @@
 """GPT built with megatron-core's GPTModel: local spec (plain PyTorch, CPU) or TransformerEngine spec."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from disco_megatron.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def have_transformer_engine() -> bool:

@@ -17,9 +17,13 @@ import torch
 
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
+from disco_megatron.config import ScionFlags
 from disco_megatron.optim.distributed import DP_MODES, TP_MODES
 from disco_megatron.optim.layout import LR_GROUPS, OUTPUT_LMOS, QKV_SPLITS
 from disco_megatron.optim.newton_schulz import BACKENDS
+
+
+_FLAGS = ScionFlags()  # one set of defaults: the CLI's
 
 
 @dataclass
@@ -32,18 +36,18 @@ class ScionConfig(OptimizerConfig):
     scion_lr_embedding: Optional[float] = None
     scion_lr_output: Optional[float] = None
     scion_lr_gains: Optional[float] = None
-    scion_momentum: float = 0.1
-    scion_radius_embedding: float = 1.0
-    scion_radius_hidden: float = 1.0
-    scion_radius_output: float = 1.0
+    scion_momentum: float = _FLAGS.momentum
+    scion_radius_embedding: float = _FLAGS.radius_embedding
+    scion_radius_hidden: float = _FLAGS.radius_hidden
+    scion_radius_output: float = _FLAGS.radius_output
     scion_radius_gains: Optional[float] = None
-    scion_constrained: bool = False
-    scion_ns_backend: str = "ns5"
-    scion_ns_steps: int = 5
-    scion_tp_mode: str = "owner"
-    scion_dp_mode: str = "replicated"
-    scion_qkv_split: str = "fused"
-    scion_output_lmo: str = "rownorm"
+    scion_constrained: bool = _FLAGS.constrained
+    scion_ns_backend: str = _FLAGS.ns_backend
+    scion_ns_steps: int = _FLAGS.ns_steps
+    scion_tp_mode: str = _FLAGS.tp_mode
+    scion_dp_mode: str = _FLAGS.dp_mode
+    scion_qkv_split: str = _FLAGS.qkv_split
+    scion_output_lmo: str = _FLAGS.output_lmo
 
     def __post_init__(self) -> None:
         super().__post_init__()

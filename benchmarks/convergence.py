@@ -67,16 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="running mean over this many logged train losses for the train-curve ratio (default: 3)")
     parser.add_argument("--target-ratio", type=float, default=0.8,
                         help="the ratio Scion should meet (reported, not enforced; default: 0.8)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes per run (default: 2)")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP (default: 1)")
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP (default: 1)")
-    parser.add_argument("--run-timeout", type=float, default=1800.0,
-                        help="seconds before a run is killed (default: 1800)")
+    launch.add_launch_flags(parser)
     parser.add_argument("--out", default="runs/convergence", help="directory of the runs (default: runs/convergence)")
     parser.add_argument("--results", default="benchmarks/results/convergence.json",
                         help="JSON results (default: benchmarks/results/convergence.json)")
     parser.add_argument("--plot", default="docs/img/convergence.png", help="PNG (default: docs/img/convergence.png)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return parser
 
 

@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:  # before megatron's slow import: bad flags and sizes are reported at once
         cfg = parse_run_config(argv)
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        dp = cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     from disco_megatron.runtime import destroy_parallel
@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from disco_megatron.training.loop import TrainingError, pretrain
 
     try:
-        pretrain(cfg)
+        pretrain(cfg, dp)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     finally:

@@ -113,14 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "size (--eval-iters = this / batch; default: 128)")
     model.add_argument("--norm-points", type=int, default=10, help="about this many norm logs per run (default: 10)")
     launch_group = parser.add_argument_group("launch")
-    launch_group.add_argument("--nproc", type=int, default=2, help="processes per run (default: 2)")
-    launch_group.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of every run (default: 1)")
-    launch_group.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                              help="PP of every run (default: 1); DP = nproc / (TP x PP)")
-    launch_group.add_argument("--run-timeout", type=float, default=1800.0,
-                              help="seconds before a run is killed (default: 1800)")
+    launch.add_launch_flags(launch_group)
     launch_group.add_argument("--out", default="runs/norm_sweep", help="sweep directory (default: runs/norm_sweep)")
-    launch_group.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     report = parser.add_argument_group("report")
     report.add_argument("--final-group", default="output",
                         help="group whose final parameter norm is reported (default: output)")

@@ -77,6 +77,17 @@ def schedule_flags(lr: float, iterations: int, style: str, min_lr_ratio: float,
             "--lr-warmup-iters", str(round(iterations * warmup_fraction)), "--train-iters", str(iterations)]
 
 
+def add_launch_flags(group, run_timeout: float = 1800.0) -> None:
+    """The launch flags the sweep and the benchmarks share: processes, TP, PP, timeout, dry run."""
+    group.add_argument("--nproc", type=int, default=2, help="processes per run (default: 2)")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of every run (default: 1)")
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                       help="PP of every run (default: 1); DP = nproc / (TP x PP)")
+    group.add_argument("--run-timeout", type=float, default=run_timeout,
+                       help=f"seconds before a run is killed (default: {run_timeout:g})")
+    group.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+
+
 def torchrun_command(train_args: Sequence[str], nproc: int) -> list[str]:
     """``torchrun --standalone`` (a free rendezvous port, so runs never collide) of the trainer."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),

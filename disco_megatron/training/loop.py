@@ -144,11 +144,10 @@ def evaluate(cfg: RunConfig, info: ParallelInfo, ddp, valid_ds, num_mb: int) -> 
     return None if values[0] is None else sum(values) / len(values)
 
 
-def pretrain(cfg: RunConfig) -> dict:
-    """Train ``cfg`` end to end on this rank; returns a summary (losses on the writer rank)."""
+def pretrain(cfg: RunConfig, dp: int) -> dict:
+    """Train ``cfg`` (already validated: ``dp = cfg.validate(world)``) end to end on this rank;
+    returns a summary (losses on the writer rank)."""
     quiet_known_warnings()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = cfg.validate(world)
     info = initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                                cfg.seed, timeout_s=60.0 * cfg.distributed_timeout_minutes)
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -27,13 +27,17 @@ def log(message: str, rank: Optional[int] = None) -> None:
     """One line to stdout, prefixed with the time (and the rank when given)."""
     stamp = time.strftime("%H:%M:%S")
     prefix = f"[{stamp}]" if rank is None else f"[{stamp} rank {rank}]"
-    print(f"{prefix} {message}", flush=True)
+    sys.stdout.write(f"{prefix} {message}\n")  # one write per line (see error())
+    sys.stdout.flush()
 
 
 def error(message: str) -> None:
     """The one clear error line a failing rank prints before exiting non-zero."""
     rank = os.environ.get("RANK", "0")
-    print(f"disco-pretrain: error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    # One write of the whole line: ranks share torchrun's pipe, and print() writes the text and the
+    # newline separately, so two ranks' lines could interleave.
+    sys.stderr.write(f"disco-pretrain: error (rank {rank}): {message}\n")
+    sys.stderr.flush()
 
 
 class RunWriter:

@@ -24,7 +24,7 @@ import torch
 
 from disco_megatron.checkpoint.hf_llama import megatron_shapes
 from disco_megatron.config import ModelConfig, ScionFlags
-from disco_megatron.models.sharding import tp_partition_dim
+from disco_megatron.models.naming import tp_partition_dim
 from disco_megatron.optim.distributed import plan_size
 from disco_megatron.optim.layout import ParamLayout, build_layout, needs_whole
 

@@ -6,13 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from disco_megatron.models.naming import tp_partition_dim
 from disco_megatron.models.sharding import (
     gather_full_tensor,
     global_param_name,
     layer_to_stage,
     local_param_name,
     shard_full_tensor,
-    tp_partition_dim,
 )
 from disco_megatron.optim.layout import build_layout, needs_whole, param_group, reference_row_splits
 from disco_megatron.optim.newton_schulz import ns_flops
@@ -155,7 +155,7 @@ def test_partition_dims_and_shard_roundtrip(name: str, pdim: int | None) -> None
 
 def test_glu_fc1_shard_is_gate_up_blocks() -> None:
     full = torch.arange(8).unsqueeze(1)
-    shard = shard_full_tensor("mlp.linear_fc1.weight", full, 1, 2, 0, True)
+    shard = shard_full_tensor("decoder.layers.0.mlp.linear_fc1.weight", full, 1, 2, 0, True)
     assert shard[:, 0].tolist() == [2, 3, 6, 7]
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from _dist import megatron_groups, run_workers
-from disco_megatron.models.sharding import local_param_name, shard_full_tensor, tp_partition_dim
+from disco_megatron.models.naming import tp_partition_dim
+from disco_megatron.models.sharding import local_param_name, shard_full_tensor
 from disco_megatron.optim.distributed import DistributedScion, StageGroups
 from disco_megatron.optim.layout import build_layout, needs_whole, reference_row_splits
 from disco_megatron.optim.scion import Scion

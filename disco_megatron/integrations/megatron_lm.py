@@ -150,7 +150,7 @@ def global_named_params(model_chunks: Sequence[torch.nn.Module]) -> list[tuple[s
     """
     from megatron.core.utils import get_attr_wrapped_model
 
-    from disco_megatron.models.sharding import canonical_name
+    from disco_megatron.models.naming import canonical_name
 
     named = []
     for chunk in model_chunks:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from _dist import free_port, run_workers
-from disco_megatron.config import SCION_FLAGS
+from disco_megatron.scion_options import SCION_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "megatron_lm" / "pretrain_gpt_scion.sh"

@@ -21,11 +21,10 @@ from typing import Protocol
 import torch
 
 from disco_megatron.models.sharding import canonical_name, is_glu_fc1, tp_partition_dim
+from disco_megatron.scion_options import DEFAULTS, check_option
 
 PARAM_GROUPS: tuple[str, ...] = ("embedding", "attention", "mlp", "output", "gains")
 LR_GROUPS: tuple[str, ...] = ("embedding", "hidden", "output", "gains")
-QKV_SPLITS: tuple[str, ...] = ("fused", "qkv", "head")
-OUTPUT_LMOS: tuple[str, ...] = ("rownorm", "sign")
 
 # LMOs whose result on a row block only needs that block (concatenation along dim 0 is exact),
 # and those that only need a column block (concatenation along dim 1).
@@ -185,8 +184,8 @@ def build_layout(
     *,
     tp_size: int = 1,
     tp_rank: int = 0,
-    qkv_split: str = "fused",
-    output_lmo: str = "rownorm",
+    qkv_split: str = DEFAULTS.qkv_split,
+    output_lmo: str = DEFAULTS.output_lmo,
     shared_embedding: bool = False,
 ) -> ParamLayout:
     """Layout of the local shard of parameter ``name`` (shape ``local_shape``) on ``tp_rank``.
@@ -194,10 +193,8 @@ def build_layout(
     ``shared_embedding``: the last stage's ``output_layer.weight`` tied to the embedding
     (megatron's ``param.shared_embedding``) gets the embedding's LMO so both copies stay equal.
     """
-    if qkv_split not in QKV_SPLITS:
-        raise ValueError(f"unknown --scion-qkv-split {qkv_split!r}; choose one of {', '.join(QKV_SPLITS)}")
-    if output_lmo not in OUTPUT_LMOS:
-        raise ValueError(f"unknown --scion-output-lmo {output_lmo!r}; choose one of {', '.join(OUTPUT_LMOS)}")
+    check_option("qkv_split", qkv_split)
+    check_option("output_lmo", output_lmo)
     name = canonical_name(name)
     local_shape = tuple(int(s) for s in local_shape)
     if len(local_shape) not in (1, 2):

@@ -104,7 +104,7 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
         forward_backward = _forward_backward(cfg, ddp)
         forward_backward()
         opts = _build_optimizers(cfg, ddp, names)
-        layouts_match = set(opts["scion_owner"].optimizer.dualizer.layouts) == \
+        layouts_match = set(opts["scion_owner"].optimizer.layouts) == \
             set(stage_layouts(cfg, world, info.tp_rank).values())
         named = [(global_param_name(n, info.pp_rank, cfg.num_layers, info.pp), p) for n, p in model.named_parameters()]
         tracker = NormTracker(named, 1, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),

@@ -24,7 +24,7 @@ import torch
 
 from _dist import run_workers
 from _megatron_lm import MEGATRON_LM, REPO, needs_megatron_lm, run_pretrain_gpt
-from disco_megatron.config import SCION_FLAGS
+from disco_megatron.scion_options import SCION_FLAGS
 
 EXAMPLE = REPO / "examples" / "megatron_lm" / "pretrain_gpt_scion.sh"
 # Megatron-LM core_r0.16's --optimizer choices (megatron/training/arguments.py, _add_training_args).

@@ -21,9 +21,7 @@ import torch
 
 from disco_megatron.models.naming import LR_GROUPS, param_group  # noqa: F401 (the optimizer imports them from here)
 from disco_megatron.models.naming import canonical_name, lr_group, param_rule, qkv_group_layout
-
-QKV_SPLITS: tuple[str, ...] = ("fused", "qkv", "head")
-OUTPUT_LMOS: tuple[str, ...] = ("rownorm", "sign")
+from disco_megatron.scion_options import DEFAULTS, check_option
 
 # LMOs whose result on a row block only needs that block (concatenation along dim 0 is exact),
 # and those that only need a column block (concatenation along dim 1).
@@ -143,8 +141,8 @@ def build_layout(
     *,
     tp_size: int = 1,
     tp_rank: int = 0,
-    qkv_split: str = "fused",
-    output_lmo: str = "rownorm",
+    qkv_split: str = DEFAULTS.qkv_split,
+    output_lmo: str = DEFAULTS.output_lmo,
     shared_embedding: bool = False,
 ) -> ParamLayout:
     """Layout of the local shard of parameter ``name`` (shape ``local_shape``) on ``tp_rank``.
@@ -152,10 +150,8 @@ def build_layout(
     ``shared_embedding``: the last stage's ``output_layer.weight`` tied to the embedding
     (megatron's ``param.shared_embedding``) gets the embedding's LMO so both copies stay equal.
     """
-    if qkv_split not in QKV_SPLITS:
-        raise ValueError(f"unknown --scion-qkv-split {qkv_split!r}; choose one of {', '.join(QKV_SPLITS)}")
-    if output_lmo not in OUTPUT_LMOS:
-        raise ValueError(f"unknown --scion-output-lmo {output_lmo!r}; choose one of {', '.join(OUTPUT_LMOS)}")
+    check_option("qkv_split", qkv_split)
+    check_option("output_lmo", output_lmo)
     name = canonical_name(name)
     local_shape = tuple(int(s) for s in local_shape)
     if len(local_shape) not in (1, 2):

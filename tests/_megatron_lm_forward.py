@@ -4,7 +4,8 @@
 (checkpoint directories, ``os.pathsep``-separated), ``FORWARD_TOKENS`` (a saved ``[batch, seq]``
 tensor) and ``FORWARD_OUT``: builds the GPT exactly as ``pretrain_gpt.py`` does (its
 ``model_provider`` and ``gpt_builder``), loads each directory with Megatron-LM's own
-``load_checkpoint`` (``--finetune``: weights only, either format) and saves the list of logits.
+``load_checkpoint`` (``--finetune``: weights only, either format) and saves the list of logits
+(gathered over the vocab-parallel ranks).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 if __name__ == "__main__":
     from gpt_builders import gpt_builder
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
     from megatron.training import get_args, training
     from megatron.training.checkpointing import load_checkpoint
     from model_provider import model_provider
@@ -30,6 +32,6 @@ if __name__ == "__main__":
         load_checkpoint(model, None, None)
         model[0].eval()
         with torch.no_grad():
-            logits.append(model[0](tokens, positions, None))
+            logits.append(gather_from_tensor_model_parallel_region(model[0](tokens, positions, None)))
     if torch.distributed.get_rank() == 0:
         torch.save(logits, os.environ["FORWARD_OUT"])

@@ -6,6 +6,7 @@ and checkpoints are written with the training loop's own ``save_checkpoint``. Re
 model + optimizer at the target layout in ``TP x PP`` processes exactly as training does, so
 optimizer state (Scion momentum, Adam moments) moves with its parameter's sharding.
 Every output is written to a temporary directory beside the target and renamed at the end.
+Checkpoints Megatron-LM wrote (its args in place of model_config) go through :mod:`megatron_lm`.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from disco_megatron.checkpoint import ConversionError
-from disco_megatron.config import ModelConfig
+from disco_megatron.config import ConfigError, ModelConfig
 
 ARGS = "args"
 CHECKPOINT_VERSION = 3.0
@@ -70,7 +70,7 @@ def real_vocab_size(args: object, source: str) -> int:
     """
     vocab = getattr(args, "vocab_size", None)
     if vocab is not None:
-        return int(vocab) + (getattr(args, "tokenizer_type", None) == "NullTokenizer")
+        return int(vocab) + (1 if getattr(args, "tokenizer_type", None) == "NullTokenizer" else 0)
     return int(_arg(args, "padded_vocab_size", source))
 
 
@@ -311,7 +311,7 @@ def check_reshard(common: dict, source: str, tp: int, pp: int) -> None:
                               "convert the weights (to-hf, then from-hf --format megatron-lm)")
     try:
         cfg.validate(tp, pp)
-    except Exception as exc:
+    except ConfigError as exc:
         raise ConversionError(f"--target-tp {tp} --target-pp {pp}: {exc}") from exc
 
 

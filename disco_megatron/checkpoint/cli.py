@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {args.out} (TP1/PP1, iteration 0, no optimizer state); continue training with:")
         if args.format == "megatron-lm":
             print(f"  python pretrain_gpt.py --load {args.out} --finetune {' '.join(flags)} "
-                  "(add your data, tokenizer, parallel and optimizer flags; it loads at any TP/PP that pads the vocab to "
-                  "the same rows)")
+                  "(add your data, tokenizer, parallel and optimizer flags; it loads at any TP/PP that pads the "
+                  "vocab to the same rows)")
         else:
             print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)}")
             print(DATA_NOTE)

@@ -98,7 +98,7 @@ def single_process_parallel() -> Iterator[None]:
 
 
 def checkpoint_model_config(common: dict, source: str) -> ModelConfig:
-    """The ModelConfig a checkpoint was saved with (Megatron-LM's: from its args), built for CPU (local layers, no FP8)."""
+    """The ModelConfig a checkpoint was saved with (Megatron-LM's: from its args), for CPU (local layers, no FP8)."""
     try:
         cfg = megatron_lm.checkpoint_model_config(common, source) if megatron_lm.is_megatron_lm(common) \
             else ModelConfig(**common["model_config"])

@@ -266,7 +266,8 @@ def _optimizer_for(args: argparse.Namespace, ddp):
 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    config = OptimizerConfig(**{f.name: getattr(args, f.name) for f in fields(OptimizerConfig) if hasattr(args, f.name)})
+    config = OptimizerConfig(**{f.name: getattr(args, f.name) for f in fields(OptimizerConfig)
+                                if hasattr(args, f.name)})
     return get_megatron_optimizer(config, [ddp])
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -27,17 +28,19 @@ needs_megatron_lm = pytest.mark.skipif(
            "package in shared/megatron-lm beside the repository)")
 
 
-def run_pretrain_gpt(nproc: int, flags: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
+def run_pretrain_gpt(nproc: int, flags: list[str], timeout: float = 300.0, script: Path = PRETRAIN_GPT,
+                     env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node NPROC`` the plug-in on Megatron-LM's ``pretrain_gpt.py``, on CPU with gloo.
 
     CPU on every machine (GPUs hidden), so runs at different TP sizes share one arithmetic.
     ``--use-cpu-initialization`` draws each full weight, then cuts the rank's shard, so a seed gives
-    the same model at every TP size.
+    the same model at every TP size. ``script`` runs in its place (a helper using Megatron-LM the
+    same way), with ``env`` added to the environment.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(LAUNCHER), str(PRETRAIN_GPT), *flags,
+           "--master-port", str(free_port()), str(LAUNCHER), str(script), *flags,
            "--distributed-backend", "gloo", "--use-cpu-initialization"]
     path = os.pathsep.join(p for p in (str(MEGATRON_LM), str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CUDA_DEVICE_MAX_CONNECTIONS="1",
-               PYTHONPATH=path)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CUDA_DEVICE_MAX_CONNECTIONS="1",
+                       PYTHONPATH=path, **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment)

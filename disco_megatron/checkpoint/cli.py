@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disco-convert",
-        description="Convert disco_megatron checkpoints: to/from HuggingFace Llama, between TP/PP layouts, "
-                    "from Megatron-LM legacy torch checkpoints; inspect one.")
+        description="Convert disco_megatron and Megatron-LM checkpoints: to/from HuggingFace Llama, between TP/PP "
+                    "layouts, from Megatron-LM legacy torch checkpoints; inspect one.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -29,23 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, help=what)
         sub.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
 
-    to_hf = command("to-hf", "disco_megatron checkpoint (any TP/PP) -> HuggingFace Llama directory")
+    to_hf = command("to-hf", "disco_megatron or Megatron-LM torch_dist checkpoint (any TP/PP) -> HuggingFace Llama "
+                             "directory")
     load_flags(to_hf, "checkpoint directory (the one holding latest_checkpointed_iteration.txt)")
     out_flags(to_hf, "HF directory to write (config.json, model.safetensors, tokenizer files)")
     to_hf.add_argument("--tokenizer-model", help="sentencepiece .model the run used (adds tokenizer files)")
 
-    from_hf = command("from-hf", "HuggingFace Llama directory -> disco_megatron checkpoint (TP1/PP1, iteration 0)")
+    from_hf = command("from-hf", "HuggingFace Llama directory -> disco_megatron or Megatron-LM checkpoint (TP1/PP1, "
+                                 "iteration 0)")
     from_hf.add_argument("--hf", required=True, help="HF directory with config.json and model.safetensors")
-    out_flags(from_hf, "checkpoint directory to write (then: disco-pretrain --load OUT --no-load-optim ...)")
+    out_flags(from_hf, "checkpoint directory to write (then: disco-pretrain --load OUT --no-load-optim ..., or "
+                       "Megatron-LM's pretrain_gpt.py --load OUT --finetune ...)")
+    from_hf.add_argument("--format", choices=["disco", "megatron-lm"], default="disco",
+                         help="disco: for disco-pretrain (default); megatron-lm: Megatron-LM torch_dist with its args")
     from_hf.add_argument("--tokenizer-model", help="sentencepiece .model to check the vocab against "
                                                    "(default: HF_DIR/tokenizer.model when present)")
 
     reshard = command("reshard", "checkpoint at one TP/PP layout -> another, with optimizer and scheduler state")
-    load_flags(reshard, "checkpoint directory written by disco-pretrain")
+    load_flags(reshard, "checkpoint directory written by disco-pretrain or by Megatron-LM (torch_dist; Scion "
+                        "momentum of the plug-in included)")
     out_flags(reshard, "checkpoint directory to write")
     reshard.add_argument("--target-tp", type=int, required=True, help="tensor-parallel size to write")
     reshard.add_argument("--target-pp", type=int, required=True, help="pipeline-parallel size to write")
-    reshard.add_argument("--run-config", help="the run's run_config.json (default: in --load or its parent)")
+    reshard.add_argument("--run-config", help="the run's run_config.json (default: in --load or its parent; "
+                                              "Megatron-LM checkpoints carry their args instead)")
 
     legacy = command("legacy", "Megatron-LM legacy torch checkpoint (mp_rank_XX[_YYY]) -> disco_megatron checkpoint")
     load_flags(legacy, "Megatron-LM checkpoint directory (iter_N/mp_rank_XX[_YYY]/model_optim_rng.pt)")
@@ -54,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "when the legacy args hold only the padded vocab)")
 
     inspect = command("inspect", "print a checkpoint's model, layout, progress and tensors (no tensors loaded)")
-    load_flags(inspect, "checkpoint directory")
+    load_flags(inspect, "checkpoint directory (disco_megatron or Megatron-LM torch_dist)")
     return parser
 
 
@@ -71,10 +78,15 @@ def run(args: argparse.Namespace) -> None:
         if args.tokenizer_model is None:
             print("no --tokenizer-model: weights and config only (no tokenizer files)")
     elif args.command == "from-hf":
-        flags = convert.from_hf(args.hf, args.out, args.tokenizer_model, args.force)
+        flags = convert.from_hf(args.hf, args.out, args.tokenizer_model, args.force, args.format)
         print(f"wrote {args.out} (TP1/PP1, iteration 0, no optimizer state); continue training with:")
-        print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)}")
-        print(DATA_NOTE)
+        if args.format == "megatron-lm":
+            print(f"  python pretrain_gpt.py --load {args.out} --finetune {' '.join(flags)} "
+                  "(add your data, tokenizer, parallel and optimizer flags; it loads at any TP/PP that pads the "
+                  "vocab to the same rows)")
+        else:
+            print(f"  disco-pretrain --load {args.out} --no-load-optim {' '.join(flags)}")
+            print(DATA_NOTE)
     elif args.command == "reshard":
         path = convert.reshard(args.load, args.out, args.target_tp, args.target_pp, args.ckpt_step,
                                args.run_config, args.force)

@@ -6,6 +6,7 @@ and checkpoints are written with the training loop's own ``save_checkpoint``. Re
 model + optimizer at the target layout in ``TP x PP`` processes exactly as training does, so
 optimizer state (Scion momentum, Adam moments) moves with its parameter's sharding.
 Every output is written to a temporary directory beside the target and renamed at the end.
+Checkpoints Megatron-LM wrote (its args in place of model_config) go through :mod:`megatron_lm`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from disco_megatron.checkpoint import ConversionError, hf_llama
+from disco_megatron.checkpoint import ConversionError, hf_llama, megatron_lm
 from disco_megatron.checkpoint.legacy import read_legacy_checkpoint
 from disco_megatron.config import ConfigError, ModelConfig, RunConfig, ScionFlags
 from disco_megatron.training import checkpointing
@@ -97,9 +98,10 @@ def single_process_parallel() -> Iterator[None]:
 
 
 def checkpoint_model_config(common: dict, source: str) -> ModelConfig:
-    """The ModelConfig a checkpoint was saved with, built for CPU (local layers, no FP8)."""
+    """The ModelConfig a checkpoint was saved with (Megatron-LM's: from its args), for CPU (local layers, no FP8)."""
     try:
-        cfg = ModelConfig(**common["model_config"])
+        cfg = megatron_lm.checkpoint_model_config(common, source) if megatron_lm.is_megatron_lm(common) \
+            else ModelConfig(**common["model_config"])
     except (KeyError, TypeError) as exc:
         raise ConversionError(f"--load {source}: no usable model_config in the checkpoint ({exc})") from exc
     return replace(cfg, transformer_impl="local", fp8_format=None, fp8_param_gather=False)
@@ -109,9 +111,12 @@ def load_full_model(load: str, iteration: Optional[int] = None):
     """(TP1/PP1 GPTModel holding the checkpoint's weights, its ModelConfig); needs TP1/PP1 parallel state."""
     from disco_megatron.models import build_gpt_model
 
-    _, common = checkpointing.read_common_state(load, iteration)
+    ckpt, common = checkpointing.read_common_state(load, iteration)
     cfg = checkpoint_model_config(common, load)
     model = build_gpt_model(cfg)
+    if megatron_lm.is_megatron_lm(common):
+        megatron_lm.load(ckpt, model)
+        return model, cfg
     checkpointing.load_checkpoint(load, model, None, None, asdict(cfg), _TP1, load_optim=False, load_rng=False,
                                   iteration=iteration)
     return model, cfg
@@ -136,8 +141,10 @@ def read_full_state(load: str, iteration: Optional[int] = None) -> tuple[ModelCo
     return cfg, resize_vocab_rows(full, cfg.vocab_size, cfg.vocab_size)
 
 
-def write_full_checkpoint(save: str, full: dict[str, Tensor], cfg: ModelConfig, source: str) -> str:
-    """Write a full state as a TP1/PP1 disco_megatron checkpoint at iteration 0 (no optimizer state)."""
+def write_full_checkpoint(save: str, full: dict[str, Tensor], cfg: ModelConfig, source: str,
+                          for_megatron_lm: bool = False) -> str:
+    """Write a full state as a TP1/PP1 checkpoint at iteration 0 (no optimizer state), disco_megatron's
+    or (``for_megatron_lm``) Megatron-LM's torch_dist with args."""
     from disco_megatron.models import build_gpt_model
     from disco_megatron.models.weights import load_full_weights
 
@@ -153,6 +160,8 @@ def write_full_checkpoint(save: str, full: dict[str, Tensor], cfg: ModelConfig, 
             load_full_weights(model, padded, cfg)
         except ValueError as exc:
             raise ConversionError(f"{source}: {exc}") from exc
+        if for_megatron_lm:
+            return megatron_lm.save(save, 0, megatron_lm.args_for(cfg), model)
         return checkpointing.save_checkpoint(save, model, None, None, checkpointing.TrainState(), asdict(cfg), _TP1)
 
 
@@ -260,8 +269,12 @@ def read_hf_weights(hf_dir: str) -> dict[str, Tensor]:
     return tensors
 
 
-def from_hf(hf_dir: str, out: str, tokenizer_model: Optional[str] = None, force: bool = False) -> list[str]:
-    """HF Llama directory -> TP1/PP1 checkpoint at iteration 0 (fp32, no optimizer); returns the model flags."""
+def from_hf(hf_dir: str, out: str, tokenizer_model: Optional[str] = None, force: bool = False,
+            output_format: str = "disco") -> list[str]:
+    """HF Llama directory -> TP1/PP1 checkpoint at iteration 0 (fp32, no optimizer); returns the model flags.
+
+    ``output_format`` "megatron-lm": Megatron-LM's torch_dist with args, and its pretrain_gpt.py flags.
+    """
     check_output(out, force, hf_dir)
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -276,7 +289,9 @@ def from_hf(hf_dir: str, out: str, tokenizer_model: Optional[str] = None, force:
     full = hf_llama.hf_to_megatron(weights, cfg, os.path.join(hf_dir, HF_WEIGHTS))
     full = {name: t.float() for name, t in full.items()}
     with staged_output(out) as tmp:
-        write_full_checkpoint(tmp, full, cfg, hf_dir)
+        write_full_checkpoint(tmp, full, cfg, hf_dir, for_megatron_lm=output_format == "megatron-lm")
+    if output_format == "megatron-lm":
+        return megatron_lm.pretrain_flags(cfg)
     return model_flags(cfg) + data_flags(tokenizer)
 
 
@@ -348,6 +363,10 @@ def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Opti
 
     check_output(out, force, load)
     ckpt, common = checkpointing.read_common_state(load, iteration)
+    if megatron_lm.is_megatron_lm(common):
+        with staged_output(out) as tmp:
+            megatron_lm.reshard(ckpt, common, tmp, target_tp, target_pp)
+        return checkpointing.checkpoint_dir(out, int(common.get("iteration", 0)))
     if "optimizer_type" not in common:
         raise ConversionError(f"--load {ckpt}: holds no optimizer state; reshard needs a training checkpoint "
                               "(a weights-only checkpoint loads at any layout as it is)")
@@ -381,14 +400,15 @@ def inspect_checkpoint(load: str, iteration: Optional[int] = None) -> str:
 
     ckpt, common = checkpointing.read_common_state(load, iteration)
     cfg = checkpoint_model_config(common, load)
-    train, parallel = common.get("train_state", {}), common.get("parallel", {})
+    train, parallel, optimizer = megatron_lm.summary(common) if megatron_lm.is_megatron_lm(common) else \
+        (common.get("train_state", {}), common.get("parallel", {}), common.get("optimizer_type", "none (weights only)"))
     metadata = dist_checkpointing.load_tensors_metadata(ckpt)
     lines = [
         f"checkpoint: {ckpt}",
         f"iteration: {train.get('iteration')}  consumed samples: {train.get('consumed_samples')}  "
         f"skipped steps: {train.get('skipped_steps')}",
         f"parallel layout: TP {parallel.get('tp')} x PP {parallel.get('pp')} x DP {parallel.get('dp')}",
-        f"optimizer: {common.get('optimizer_type', 'none (weights only)')}",
+        f"optimizer: {optimizer}",
         f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}, "
         f"query groups {cfg.query_groups}, ffn {cfg.ffn_size}, vocab {cfg.vocab_size}, {cfg.normalization}, "
         f"{'SwiGLU' if cfg.swiglu else 'GeLU'}, {cfg.position_embedding_type} (base {cfg.rotary_base}), "

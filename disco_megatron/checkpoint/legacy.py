@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from disco_megatron.checkpoint import ConversionError
+from disco_megatron.checkpoint.megatron_lm import model_config_from_args, saved_layout
 from disco_megatron.config import ModelConfig
 from disco_megatron.models.naming import local_spec_name, tp_partition_dim
 from disco_megatron.models.sharding import gather_full_tensor, global_param_name
@@ -31,13 +32,6 @@ from disco_megatron.training.checkpointing import LATEST_FILE
 
 LEGACY_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-_UNSUPPORTED_ARGS = (  # (attribute, value our GPT supports, what to say)
-    ("virtual_pipeline_model_parallel_size", None, "virtual pipeline stages"),
-    ("num_experts", None, "mixture of experts"),
-    ("qk_layernorm", False, "--qk-layernorm"),
-    ("rotary_interleaved", False, "--rotary-interleaved"),
-    ("rotary_percent", 1.0, "--rotary-percent != 1"),
-)
 
 
 @dataclass
@@ -103,48 +97,6 @@ def canonical_legacy_name(name: str, source: str) -> Optional[str]:
         raise ConversionError(f"{source}: {exc}") from exc
 
 
-def _arg(args: object, name: str, source: str, *fallbacks: str):
-    for attr in (name, *fallbacks):
-        if hasattr(args, attr):
-            return getattr(args, attr)
-    raise ConversionError(f"{source}: args has no {name!r}; the checkpoint is too old or not a GPT run")
-
-
-def model_config_from_args(args: object, vocab_size: Optional[int], source: str) -> ModelConfig:
-    """Our ModelConfig from a Megatron-LM args Namespace (refusing features our GPT lacks)."""
-    for attr, supported, text in _UNSUPPORTED_ARGS:
-        value = getattr(args, attr, supported)
-        if value not in (supported, None):
-            raise ConversionError(f"{source}: the run used {text} ({attr}={value!r}), which disco_megatron's GPT "
-                                  "does not support")
-    if getattr(args, "add_qkv_bias", False) and not getattr(args, "add_bias_linear", True):
-        raise ConversionError(f"{source}: the run used --add-qkv-bias without --add-bias-linear, which "
-                              "disco_megatron's GPT does not support")
-    if vocab_size is None:
-        vocab_size = getattr(args, "vocab_size", None)
-    if vocab_size is None:
-        raise ConversionError(f"{source}: args has no vocab_size (only the padded size); pass --tokenizer-model "
-                              "the sentencepiece model the run used")
-    heads = _arg(args, "num_attention_heads", source)
-    groups = _arg(args, "num_query_groups", source) if getattr(args, "group_query_attention", False) else None
-    seq = _arg(args, "seq_length", source)
-    return ModelConfig(
-        num_layers=_arg(args, "num_layers", source), hidden_size=_arg(args, "hidden_size", source),
-        num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=_arg(args, "ffn_hidden_size", source),
-        seq_length=seq, max_position_embeddings=getattr(args, "max_position_embeddings", None) or seq,
-        vocab_size=int(vocab_size),
-        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128),
-        normalization=getattr(args, "normalization", "LayerNorm"),
-        norm_epsilon=_arg(args, "norm_epsilon", source, "layernorm_epsilon"),
-        swiglu=bool(getattr(args, "swiglu", False)),
-        position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
-        rotary_base=int(getattr(args, "rotary_base", 10000)),
-        untie_embeddings_and_output_weights=bool(getattr(args, "untie_embeddings_and_output_weights", False)),
-        add_bias_linear=bool(getattr(args, "add_bias_linear", True)),
-        init_method_std=float(getattr(args, "init_method_std", 0.02)),
-    )
-
-
 def _load_rank_file(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # legacy files pickle an argparse Namespace
@@ -165,13 +117,17 @@ def read_legacy_checkpoint(load: str, iteration: Optional[int] = None,
     if float(first.get("checkpoint_version", 3.0)) < 3.0:
         raise ConversionError(f"{files[min(files)]}: checkpoint_version {first['checkpoint_version']} < 3 orders "
                               "QKV differently; re-save it with a recent Megatron-LM first")
-    tp = int(_arg(args, "tensor_model_parallel_size", files[min(files)]))
-    pp = int(_arg(args, "pipeline_model_parallel_size", files[min(files)]))
+    if getattr(args, "virtual_pipeline_model_parallel_size", None) is not None:
+        raise ConversionError(f"{files[min(files)]}: virtual pipeline stages are not supported in legacy checkpoints")
+    if vocab_size is None and getattr(args, "vocab_size", None) is None:
+        raise ConversionError(f"{files[min(files)]}: args have no vocab_size (only the padded size); pass "
+                              "--tokenizer-model the sentencepiece model the run used")
+    tp, pp = saved_layout(args)
     expected = {(t, p) for t in range(tp) for p in range(pp)}
     if set(files) != expected:
         raise ConversionError(f"{ckpt_dir}: args say TP {tp} x PP {pp} but rank files "
                               f"{sorted(files)} are present; the checkpoint is incomplete")
-    cfg = model_config_from_args(args, vocab_size, files[min(files)])
+    cfg = model_config_from_args(args, files[min(files)], vocab_size)
     shards: dict[str, dict[int, Tensor]] = {}
     for (tp_rank, pp_rank), path in sorted(files.items()):
         state = first if (tp_rank, pp_rank) == min(files) else _load_rank_file(path)

@@ -393,7 +393,7 @@ def test_layout_maps_every_te_spec_parameter(monkeypatch, normalization: str, bi
 # ---------------------------------------------------------------- GPU: FP8 training end to end
 
 def _have_te() -> bool:
-    from disco_megatron.models.gpt import have_transformer_engine
+    from disco_megatron.models.fp8 import have_transformer_engine
 
     return torch.cuda.is_available() and have_transformer_engine()
 

@@ -3,7 +3,7 @@
 For each TP size t one world of t gloo processes (TP = the world, PP1, DP1) holds the shards
 of a megatron-named GQA + SwiGLU model built from shapes (no model instance: only the optimizer
 step runs; real shapes, full layer count) and takes one ``DistributedScion`` step per mode. ``comm_stats()`` gives
-the bytes each rank sent per collective kind. Theory (DESIGN.md §3.8), with M the full bytes
+the bytes each rank sent per collective kind. Theory (docs/design.md §3), with M the full bytes
 of the TP group's matrices that must be whole (the spectral ones), per rank averaged over the
 TP group: owner 2(t−1)/t²·M, duplicated (t−1)/t·M, so owner/duplicated = 2/t.
 

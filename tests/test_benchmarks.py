@@ -1,5 +1,5 @@
 """The three benchmarks in ``--quick`` mode: they run, write their JSON, and the numbers that do
-not depend on timing are right (byte counts vs the DESIGN §3.8 formulas on a hand-counted
+not depend on timing are right (byte counts vs the docs/design.md §3 formulas on a hand-counted
 matrix size, plan balance, layouts vs a real model). Timings are only checked for sanity."""
 from __future__ import annotations
 

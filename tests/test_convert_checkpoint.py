@@ -101,7 +101,7 @@ def test_to_hf_logits_equal_megatron(scion_run, hf_dir, embedded_data):
 
 def test_from_hf_to_hf_round_trip_is_bit_identical(hf_dir, tmp_path, capsys):
     from disco_megatron.config import parse_run_config
-    from disco_megatron.training.checkpointing import check_compatible, read_common_state
+    from disco_megatron.checkpoint.storage import check_compatible, read_common_state
 
     save, back = tmp_path / "save", tmp_path / "back"
     (save / "stale").mkdir(parents=True)

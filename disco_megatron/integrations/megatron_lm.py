@@ -182,7 +182,7 @@ class NormHook:
     def after_log(self, iteration: int, loss_dict: dict) -> None:
         if not self.tracker.should_log(iteration):
             return
-        from disco_megatron.training.optimizers import group_lrs
+        from disco_megatron.builders import group_lrs
 
         loss = loss_dict.get("lm loss") if loss_dict else None
         self.tracker.after_step(iteration, tokens=self.args.consumed_train_samples * self.args.seq_length,
@@ -190,11 +190,12 @@ class NormHook:
 
 
 def _norm_writers(args: argparse.Namespace) -> list:
+    from disco_megatron.config import RunDir
     from disco_megatron.norms import JsonlNormWriter, TensorBoardNormWriter
 
     writers = []
     directory = args.tensorboard_dir or args.save
-    path = args.norm_log_file or (directory and os.path.join(directory, "norms.jsonl"))
+    path = args.norm_log_file or (directory and RunDir(directory).norms)
     if path:
         writers.append(JsonlNormWriter(path))
     if args.tensorboard_dir:

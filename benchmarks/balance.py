@@ -1,8 +1,8 @@
 """Newton–Schulz load balance of the ownership plan: max/mean work over the ranks that share it.
 
-Pure (no processes): the same layouts, matrix list and ``plan_owners`` call the optimizer makes
-(``comm.py`` checks on live ranks that the optimizer's plan equals this one). Work of a matrix
-is its NS cost ``m·n·min(m, n)``. With DP > 1 the owners spread over TP×DP (``--scion-dp-mode
+Pure (no processes): the exchange plan the optimizer builds (``build_exchange_plan`` on the same
+layouts; ``comm.py`` checks on live ranks that the optimizer's plan equals this one). Work of a
+matrix is its NS cost ``m·n·min(m, n)``. With DP > 1 the owners spread over TP×DP (``--scion-dp-mode
 sharded``); with DP replicated every replica plans over its TP ranks, i.e. the TP×1 row.
 ``bound`` is the best any assignment can do: max(largest matrix, mean load) / mean load.
 
@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import PRESETS, QKV_SPLIT, describe, format_table, stage_layouts, whole_matrices, write_result
-
-from disco_megatron.optim.newton_schulz import ns_flops
-from disco_megatron.optim.plan import plan_balance, plan_owners
+from _common import PRESETS, QKV_SPLIT, describe, format_table, stage_plan, write_result
 
 LAYOUTS = ((2, 1), (4, 1), (2, 2), (4, 2))
 TARGET = 1.1
@@ -24,13 +21,11 @@ TARGET = 1.1
 
 def balance_row(preset: str, tp: int, dp: int, qkv_split: str) -> dict:
     """Plan balance of one model on TP×DP (owners over TP×DP when DP > 1)."""
-    sizes = whole_matrices(stage_layouts(PRESETS[preset], tp, 0, qkv_split).values())
-    slots = list(range(tp * dp))
-    costs = {key: float(ns_flops(m, n)) for key, m, n in sizes}
-    mean = sum(costs.values()) / len(slots)
+    plan = stage_plan(PRESETS[preset], tp, dp, qkv_split)
+    costs = plan.costs()
+    mean = sum(costs.values()) / plan.slots
     return {"preset": preset, "model": describe(PRESETS[preset]), "qkv_split": qkv_split, "tp": tp, "dp": dp,
-            "dp_mode": "sharded" if dp > 1 else "replicated", "matrices": len(sizes),
-            "balance": plan_balance(plan_owners(sizes, slots), costs, slots),
+            "dp_mode": plan.dp_mode, "matrices": len(costs), "balance": plan.balance(),
             "bound": max(max(costs.values()), mean) / mean}
 
 

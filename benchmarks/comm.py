@@ -2,10 +2,12 @@
 
 For each TP size t one world of t gloo processes (TP = the world, PP1, DP1) holds the shards
 of a megatron-named GQA + SwiGLU model built from shapes (no model instance: only the optimizer
-step runs; real shapes, full layer count) and takes one ``DistributedScion`` step per mode. ``comm_stats()`` gives
-the bytes each rank sent per collective kind. Theory (docs/design.md §3), with M the full bytes
-of the TP group's matrices that must be whole (the spectral ones), per rank averaged over the
-TP group: owner 2(t−1)/t²·M, duplicated (t−1)/t·M, so owner/duplicated = 2/t.
+step runs; real shapes, full layer count) and takes one ``DistributedScion`` step per mode.
+``comm_stats()`` gives the bytes each rank sent per collective kind. Theory, with M the full
+bytes of the TP group's matrices that must be whole (the spectral ones), per rank averaged over
+the TP group: owner 2(t−1)/t²·M (each matrix's t−1 foreign pieces go to its owner and come
+back), duplicated (t−1)/t·M (every rank sends its piece of every matrix to t−1 peers), so
+owner/duplicated = 2/t.
 
 Newton–Schulz runs 1 step (``--ns-steps``): bytes do not depend on it, time does. Each rank
 also checks that the optimizer's ownership plan equals the one ``balance.py`` computes.
@@ -21,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from disco_megatron.runtime.spawn import run_workers
-from _common import QKV_SPLIT, describe, format_table, preset, stage_layouts, whole_matrices, \
-    whole_matrix_bytes, write_result
+from _common import QKV_SPLIT, describe, format_table, preset, stage_layouts, stage_plan, whole_matrix_bytes, \
+    write_result
 
 MODES = ("owner", "duplicated")
 DUALIZE_KINDS = ("all_to_all", "all_gather")  # the collectives of the dualize step; all_reduce: grad check
@@ -34,7 +36,6 @@ def comm_worker(rank: int, world: int, preset_name: str, ns_steps: int, out: str
     import torch.distributed as dist
 
     from disco_megatron.optim.distributed import DistributedScion, StageGroups
-    from disco_megatron.optim.plan import plan_owners
 
     singletons = [dist.new_group([r]) for r in range(world)]  # DP groups of a DP1 world
     groups = StageGroups(tp=None, dp=singletons[rank], tp_dp=None, world=None)
@@ -50,9 +51,8 @@ def comm_worker(rank: int, world: int, preset_name: str, ns_steps: int, out: str
         opt.step()
         report[mode] = opt.comm_stats()["last_step"]
         if mode == "owner":
-            report["plan_balance"] = opt.dualizer.plan_balance()
-            report["plan_matches_balance_py"] = \
-                opt.dualizer.owners == plan_owners(whole_matrices(layouts.values()), list(range(world)))
+            report["plan_balance"] = opt.plan.balance()
+            report["plan_matches_balance_py"] = opt.plan.buckets == stage_plan(preset(preset_name), world, 1).buckets
         del opt
     reports = [None] * world
     dist.all_gather_object(reports, report)

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from disco_megatron.runtime.spawn import run_workers
 from _common import describe, format_table, median, preset, stage_layouts, write_result
-from disco_megatron.config import RunConfig, ScionFlags
+from disco_megatron.config import RunConfig
+from disco_megatron.scion_options import NS_BACKENDS, ScionFlags
 
 OPTIMIZERS = ("scion_owner", "scion_duplicated", "adam")
 TRACKER_INTERVAL = RunConfig().norm_log_interval
@@ -102,7 +103,7 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
         forward_backward = _forward_backward(cfg, ddp)
         forward_backward()
         opts = _build_optimizers(cfg, ddp, names)
-        layouts_match = set(opts["scion_owner"].optimizer.dualizer.layouts) == \
+        layouts_match = set(opts["scion_owner"].optimizer.layouts) == \
             set(stage_layouts(cfg, world, info.tp_rank).values())
         named = [(global_param_name(n, info.pp_rank, cfg.num_layers, info.pp), p) for n, p in model.named_parameters()]
         tracker = NormTracker(named, 1, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
@@ -145,21 +146,21 @@ def ns_times(sizes: list[int], repeats: int, svd_max_numel: int) -> list[dict]:
     """Median seconds of ``orthogonalize`` per backend for s×s and s×4s Gaussian matrices."""
     import torch
 
-    from disco_megatron.optim.newton_schulz import BACKENDS, orthogonalize
+    from disco_megatron.optim.newton_schulz import orthogonalize
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for m, n in [(s, s) for s in sizes] + [(s, 4 * s) for s in sizes]:
         G = torch.randn(m, n, generator=gen)
-        backends = [b for b in BACKENDS if b != "svd" or m * n <= svd_max_numel]
+        backends = [b for b in NS_BACKENDS if b != "svd" or m * n <= svd_max_numel]
         times: dict[str, list[float]] = {b: [] for b in backends}
         for _ in range(repeats):  # backends interleaved: a load spike hits all of them alike
             for backend in backends:
                 start = time.perf_counter()
                 orthogonalize(G, backend, steps=5)
                 times[backend].append(time.perf_counter() - start)
-        rows.append({"shape": [m, n], **{b: median(times[b]) if b in times else None for b in BACKENDS}})
+        rows.append({"shape": [m, n], **{b: median(times[b]) if b in times else None for b in NS_BACKENDS}})
     return rows
 
 

@@ -11,6 +11,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+from disco_megatron import scion_options
+from disco_megatron.scion_options import ScionFlags
+
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1) -> int:
     """Embedding rows: ``vocab_size`` rounded up to a multiple of ``divisible_by * tp_size``.
@@ -152,27 +155,6 @@ class ModelConfig:
 
 
 @dataclass
-class ScionFlags:
-    """Scion hyper-parameters as given on the command line (turned into the optimizer's config)."""
-
-    lr_embedding: Optional[float] = None
-    lr_hidden: Optional[float] = None
-    lr_output: Optional[float] = None
-    momentum: float = 0.1
-    radius_embedding: float = 1.0
-    radius_hidden: float = 3.0
-    radius_output: float = 10.0
-    constrained: bool = False
-    weight_decay: float = 0.0
-    ns_backend: str = "ns5"
-    ns_steps: int = 5
-    tp_mode: str = "owner"
-    dp_mode: str = "replicated"
-    qkv_split: str = "qkv"
-    output_lmo: str = "rownorm"
-
-
-@dataclass
 class RunConfig:
     """Everything a pretraining run needs, resolved from flags."""
 
@@ -248,13 +230,12 @@ class RunConfig:
         for flag, value in positive.items():
             if value is not None and not 0 < value < math.inf:  # `not` also rejects NaN
                 raise ConfigError(f"{flag} must be a finite number > 0 (got {value})")
-        for flag, value in (("--scion-lr-embedding", self.scion.lr_embedding),
-                            ("--scion-lr-hidden", self.scion.lr_hidden),
-                            ("--scion-lr-output", self.scion.lr_output), ("--min-lr", self.min_lr)):
-            if value is not None and not 0 <= value < math.inf:
-                raise ConfigError(f"{flag} must be a finite number >= 0 (got {value})")
-        if not 0.0 < self.scion.momentum <= 1.0:
-            raise ConfigError(f"--scion-momentum must be in (0, 1] (got {self.scion.momentum})")
+        if not 0 <= self.min_lr < math.inf:
+            raise ConfigError(f"--min-lr must be a finite number >= 0 (got {self.min_lr})")
+        try:
+            scion_options.validate(self.scion)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.data_path is not None and self.tokenizer_model is None:
             raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model it was tokenized with)")
         if self.tokenizer_model is not None and self.data_path is None:
@@ -328,24 +309,6 @@ RUN_FLAGS = {
     "distributed_timeout_minutes": ("--distributed-timeout-minutes", int, "collective timeout; a dead rank ends the run after it"),
 }
 
-SCION_FLAGS = {
-    "lr_embedding": ("--scion-lr-embedding", float, "lr of the embedding group (default --lr)"),
-    "lr_hidden": ("--scion-lr-hidden", float, "lr of hidden matrices and gains (default --lr)"),
-    "lr_output": ("--scion-lr-output", float, "lr of the output layer (default --lr)"),
-    "momentum": ("--scion-momentum", float, "alpha, the weight of the new gradient: d <- (1-alpha) d + alpha g"),
-    "radius_embedding": ("--scion-radius-embedding", float, "radius (scale) of the embedding LMO"),
-    "radius_hidden": ("--scion-radius-hidden", float, "radius of the hidden (spectral) LMO and gains"),
-    "radius_output": ("--scion-radius-output", float, "radius of the output LMO"),
-    "weight_decay": ("--scion-weight-decay", float, "decoupled weight decay W <- W (1 - lr wd)"),
-    "ns_backend": ("--scion-ns-backend", str, "ns5, polar_express or svd (exact, slow)"),
-    "ns_steps": ("--scion-ns-steps", int, "Newton-Schulz iterations"),
-    "tp_mode": ("--scion-tp-mode", str, "owner (exact, each NS once), duplicated (all-gather baseline) or local (approximation)"),
-    "dp_mode": ("--scion-dp-mode", str, "replicated (each DP replica computes) or sharded (NS work split over DP)"),
-    "qkv_split": ("--scion-qkv-split", str, "fused (one matrix), qkv (Q, K, V) or head (per head)"),
-    "output_lmo": ("--scion-output-lmo", str, "rownorm or sign"),
-}
-
-
 def add_flags(group: argparse._ArgumentGroup, table: dict, defaults: object, prefix: str) -> None:
     for name, (flag, typ, text) in table.items():
         default = getattr(defaults, name)
@@ -367,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT with megatron-core and the distributed Scion optimizer. "
         "Launch with torchrun; world size = TP x PP x DP.",
     )
-    run_defaults, model_defaults, scion_defaults = RunConfig(), ModelConfig(), ScionFlags()
+    run_defaults, model_defaults = RunConfig(), ModelConfig()
     model = parser.add_argument_group("model")
     add_flags(model, MODEL_FLAGS, model_defaults, "model.")
     model.add_argument("--group-query-attention", action="store_true",
@@ -391,10 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(run, RUN_FLAGS, run_defaults, "")
     run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")
     run.add_argument("--no-load-rng", action="store_true", help="with --load: do not load RNG state")
-    scion = parser.add_argument_group("scion")
-    add_flags(scion, SCION_FLAGS, scion_defaults, "scion.")
-    scion.add_argument("--scion-constrained", dest="scion.constrained", action="store_true", default=False,
-                       help="constrained update W <- (1-lr) W - lr radius lmo(d) (default: unconstrained)")
+    scion = parser.add_argument_group("scion", "distributed Scion (--optimizer scion)")
+    scion_options.add_scion_arguments(scion, "scion.", argparse_choices=False)
     return parser
 
 
@@ -404,11 +365,6 @@ CHOICES = {
     "model.position_embedding_type": ("--position-embedding-type", ("rope", "learned_absolute")),
     "model.fp8_format": ("--fp8-format", (None, "e4m3", "hybrid")),
     "model.fp8_recipe": ("--fp8-recipe", ("delayed", "tensorwise", "mxfp8", "blockwise")),
-    "scion.ns_backend": ("--scion-ns-backend", ("ns5", "polar_express", "svd")),
-    "scion.tp_mode": ("--scion-tp-mode", ("owner", "duplicated", "local")),
-    "scion.dp_mode": ("--scion-dp-mode", ("replicated", "sharded")),
-    "scion.qkv_split": ("--scion-qkv-split", ("fused", "qkv", "head")),
-    "scion.output_lmo": ("--scion-output-lmo", ("rownorm", "sign")),
 }
 
 

@@ -86,9 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         pretrain(cfg, dp)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as exc:
+        destroy_parallel(synchronize=False)  # a peer may never reach the teardown barrier
         return _fail(str(exc))
-    finally:
-        destroy_parallel()
+    except BaseException:
+        destroy_parallel(synchronize=False)
+        raise
+    destroy_parallel()
     return 0
 
 

@@ -1,6 +1,7 @@
 """The three benchmarks in ``--quick`` mode: they run, write their JSON, and the numbers that do
-not depend on timing are right (byte counts vs the docs/design.md §3 formulas on a hand-counted
-matrix size, plan balance, layouts vs a real model). Timings are only checked for sanity."""
+not depend on timing are right (byte counts vs the owner/duplicated formulas on a hand-counted
+matrix size, plan balance, layouts vs a real model). Timings are only checked for sanity: one
+positive, finite sample per repeat."""
 from __future__ import annotations
 
 import json
@@ -45,7 +46,6 @@ def test_comm_quick_matches_theory(tmp_path: Path) -> None:
         owner, dup = r["modes"]["owner"], r["modes"]["duplicated"]
         assert owner["dualize_sent_mean"] == pytest.approx(2 * (t - 1) / t**2 * r["matrix_bytes"], rel=0.01)
         assert dup["dualize_sent_per_rank"] == [pytest.approx((t - 1) / t * r["matrix_bytes"], rel=0.01)] * t
-        assert r["owner_over_duplicated"] == pytest.approx(2 / t, rel=0.01)
         assert owner["sent_mean_by_kind"].get("all_gather", 0) == 0 < owner["sent_mean_by_kind"]["all_to_all"]
         assert dup["sent_mean_by_kind"].get("all_to_all", 0) == 0 < dup["sent_mean_by_kind"]["all_gather"]
         assert r["plan_matches_balance_py"] is True and 1.0 <= r["plan_balance"] <= 1.1
@@ -67,13 +67,11 @@ def test_step_quick_reports_times(tmp_path: Path) -> None:
     record = _result(tmp_path, "step")
     result = record["optimizer_step"]
     assert result["layouts_match_model"] is True
-    med = result["median_s"]
-    assert set(med) == set(step.OPTIMIZERS) and all(0 < v < 60 for v in med.values())
-    assert result["owner_over_duplicated"] == pytest.approx(med["scion_owner"] / med["scion_duplicated"])
-    tracker = result["tracker"]
-    assert tracker["total_s"] == pytest.approx(tracker["before_s"] + tracker["after_s"])
-    assert tracker["overhead_pct_of_owner_step"] == pytest.approx(100 * tracker["total_s"] / med["scion_owner"])
-    assert tracker["amortised_pct_interval10"] == pytest.approx(tracker["overhead_pct_of_owner_step"] / 10)
+    assert set(result["median_s"]) == set(step.OPTIMIZERS)
+    samples = result["samples"]
+    assert set(samples) == {*step.OPTIMIZERS, "fwd_bwd", "tracker_before", "tracker_after"}
+    assert all(len(v) == record["repeats"] == 1 and all(0 < s < 60 for s in v) for v in samples.values())
+    assert 0 < result["tracker"]["cold_s"] < 60
     assert "AdamW" in result["adam"]
     shapes = [tuple(r["shape"]) for r in record["newton_schulz"]]
     assert shapes == [(32, 32), (64, 64), (32, 128), (64, 256)]

@@ -6,17 +6,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from disco_megatron.models.naming import tp_partition_dim
 from disco_megatron.models.sharding import (
     gather_full_tensor,
     global_param_name,
     layer_to_stage,
     local_param_name,
     shard_full_tensor,
-    tp_partition_dim,
 )
+from _scion_model import CFG, full_shapes
 from disco_megatron.optim.layout import build_layout, needs_whole, param_group, reference_row_splits
 from disco_megatron.optim.newton_schulz import ns_flops
-from disco_megatron.optim.plan import plan_balance, plan_fingerprint, plan_owners
+from disco_megatron.optim.plan import build_exchange_plan, plan_balance, plan_owners
+from disco_megatron.scion_options import QKV_SPLITS
 
 GQA = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
                       ffn_hidden_size=96, gated_linear_unit=True)
@@ -155,7 +157,7 @@ def test_partition_dims_and_shard_roundtrip(name: str, pdim: int | None) -> None
 
 def test_glu_fc1_shard_is_gate_up_blocks() -> None:
     full = torch.arange(8).unsqueeze(1)
-    shard = shard_full_tensor("mlp.linear_fc1.weight", full, 1, 2, 0, True)
+    shard = shard_full_tensor("decoder.layers.0.mlp.linear_fc1.weight", full, 1, 2, 0, True)
     assert shard[:, 0].tolist() == [2, 3, 6, 7]
 
 
@@ -215,10 +217,67 @@ def test_plan_balance_twelve_layers(tp: int, dp: int) -> None:
     assert plan_owners(list(reversed(matrices)), ranks) == plan
 
 
-def test_plan_is_deterministic_and_fingerprint_sensitive() -> None:
+def test_plan_owners_round_robin_for_equal_costs() -> None:
     matrices = [(f"m{i}", 64, 64) for i in range(7)]
     plan = plan_owners(matrices, [0, 1, 2])
     assert [plan[f"m{i}"] for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     assert plan_balance(plan, {k: 1.0 for k in plan}, [0, 1, 2]) == pytest.approx(3 / (7 / 3))
-    assert plan_fingerprint("owner", tuple(matrices)) == plan_fingerprint("owner", tuple(matrices))
-    assert plan_fingerprint("owner", tuple(matrices)) != plan_fingerprint("owner", tuple(matrices[1:]))
+
+
+def _rank_layouts(tp: int, tp_rank: int, qkv_split: str) -> list:
+    """Layouts of TP rank ``tp_rank``'s shards (PP1) of the distributed tests' GQA + SwiGLU model."""
+    layouts = []
+    for name, shape in full_shapes().items():
+        local, dim = list(shape), tp_partition_dim(name)
+        if dim is not None:
+            local[dim] //= tp
+        layouts.append(build_layout(name, tuple(local), CFG, tp_size=tp, tp_rank=tp_rank, qkv_split=qkv_split))
+    return layouts
+
+
+@pytest.mark.parametrize("split", QKV_SPLITS)
+def test_exchange_plan_equal_on_every_tp_rank_and_each_matrix_planned_once(split: str) -> None:
+    plans = [build_exchange_plan(_rank_layouts(4, r, split), tp_size=4) for r in range(4)]
+    assert all(p.buckets == plans[0].buckets and p.fingerprint == plans[0].fingerprint for p in plans)
+    assert sorted(set(plans[0].owners.values())) == [0, 1, 2, 3]
+    for rank, plan in enumerate(plans):
+        layouts = _rank_layouts(4, rank, split)
+        exchanged = [(e.param, e.matrix.key) for b in plan.buckets for e in b.entries]
+        in_place = [(e.param, e.matrix.key) for g in plan.in_place for e in g.entries]
+        assert sorted(exchanged + in_place) == sorted((i, m.key) for i, layout in enumerate(layouts)
+                                                      for m in layout.matrices)
+        assert sorted(exchanged) == sorted((i, m.key) for i, layout in enumerate(layouts) for m in layout.matrices
+                                           if needs_whole(m, layout.lmo))
+        for bucket in plan.buckets:
+            assert [e.matrix.key for e in bucket.entries] == sorted(e.matrix.key for e in bucket.entries)
+            assert {(layouts[e.param].lmo, e.matrix.shape, e.matrix.concat_dim) for e in bucket.entries} == \
+                {(bucket.lmo, bucket.shape, bucket.concat_dim)}
+        assert all(layouts[e.param].lmo == g.lmo for g in plan.in_place for e in g.entries)
+
+
+def test_fingerprint_follows_the_plan_inputs_not_the_parameter_order() -> None:
+    layouts = _rank_layouts(2, 0, "qkv")
+    base = build_exchange_plan(layouts, tp_size=2)
+    shuffled = build_exchange_plan(layouts[::-1], tp_size=2)
+    assert shuffled.fingerprint == base.fingerprint and shuffled.owners == base.owners
+    variants = [
+        build_exchange_plan(_rank_layouts(2, 0, "fused"), tp_size=2),
+        build_exchange_plan(layouts, tp_size=2, ns_steps=6),
+        build_exchange_plan(layouts, tp_size=2, ns_backend="polar_express"),
+        build_exchange_plan(layouts, tp_size=2, tp_mode="duplicated"),
+        build_exchange_plan(layouts, tp_size=2, dp_size=2, dp_mode="sharded"),
+        build_exchange_plan(_rank_layouts(4, 0, "qkv"), tp_size=4),
+    ]
+    assert len({base.fingerprint, *(v.fingerprint for v in variants)}) == 1 + len(variants)
+    assert build_exchange_plan(layouts, tp_size=2, tp_mode="local").buckets == ()
+    with pytest.raises(ValueError, match="--scion-dp-mode sharded .* --scion-tp-mode owner"):
+        build_exchange_plan(layouts, tp_size=2, dp_size=2, tp_mode="duplicated", dp_mode="sharded")
+
+
+def test_sharded_dp_at_tp1_spreads_the_spectral_matrices() -> None:
+    layouts = _rank_layouts(1, 0, "qkv")
+    assert build_exchange_plan(layouts, tp_size=1, dp_size=2).buckets == ()
+    plan = build_exchange_plan(layouts, tp_size=1, dp_size=2, dp_mode="sharded")
+    spectral = sorted(m.key for layout in layouts if layout.lmo == "spectral" for m in layout.matrices)
+    assert sorted(plan.owners) == spectral and set(plan.owners.values()) == {0, 1}
+    assert plan.balance() <= 1.1

@@ -5,12 +5,8 @@ import math
 import pytest
 import torch
 
-from disco_megatron.optim.newton_schulz import (
-    BACKENDS,
-    NS5_COEFFICIENTS,
-    ns_flops,
-    orthogonalize,
-)
+from disco_megatron.optim.newton_schulz import NS5_COEFFICIENTS, ns_flops, orthogonalize
+from disco_megatron.scion_options import NS_BACKENDS
 
 SHAPES = [(32, 96), (96, 32), (64, 64)]
 
@@ -88,14 +84,24 @@ def test_svd_backend_is_exact_polar_factor(shape, dtype):
     torch.testing.assert_close(X, _exact_polar(G), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tall_is_transpose_of_wide(backend):
-    G = torch.randn(24, 80, generator=_gen(4))
-    torch.testing.assert_close(orthogonalize(G.mT, backend), orthogonalize(G, backend).mT,
-                               rtol=0, atol=1e-6)
+@pytest.mark.parametrize("backend", NS_BACKENDS)
+@pytest.mark.parametrize("shape", [(24, 80), (80, 24)])
+def test_result_has_the_singular_vectors_of_the_input(backend, shape):
+    """X = U·f(Σ)·Vᵀ for G = U·Σ·Vᵀ (exact SVD), wide and tall (iterated on Gᵀ) alike: Uᵀ·X·V is
+    diagonal, its diagonal is where the backend puts singular values (NS5's band, ≈1 for exact)."""
+    G = _with_condition(*shape, 30.0, _gen(4))
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    core = U.mT @ orthogonalize(G, backend).double() @ Vh.mT
+    sigma = torch.diagonal(core)
+    assert (core - torch.diag(sigma)).abs().max() < 1e-5  # measured <= 1e-6 (fp32)
+    ns5_low, ns5_high, _ = _ns5_band()
+    # Measured (condition 30): ns5 [0.685, 1.132], polar_express [0.875, 1.123], svd 1 ± 6e-7.
+    low, high = {"ns5": (ns5_low - 2e-3, ns5_high + 2e-3), "polar_express": (0.85, 1.15),
+                 "svd": (1 - 1e-5, 1 + 1e-5)}[backend]
+    assert low <= sigma.min() and sigma.max() <= high, (sigma.min(), sigma.max())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", NS_BACKENDS)
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16)])
 def test_batched_equals_per_matrix(backend, shape):
     G = torch.randn(3, 2, *shape, generator=_gen(5))
@@ -137,7 +143,7 @@ def test_polar_express_converges_with_more_steps():
     assert err[2] < 1e-4  # measured 1.3e-6 (fp32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", NS_BACKENDS)
 def test_zero_matrix_gives_zeros(backend):
     X = orthogonalize(torch.zeros(2, 5, 7), backend)
     assert torch.equal(X, torch.zeros(2, 5, 7))

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from _dist import run_workers
-from disco_megatron.models.sharding import tp_partition_dim
+from disco_megatron.models.naming import tp_partition_dim
 from disco_megatron.norms import (
     JsonlNormWriter,
     NormTracker,
@@ -30,17 +30,24 @@ from disco_megatron.norms.sharded import sharded_norms_many
 
 # Rows [3, 4, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]: orthogonal rows, singular values 5, 2, 0.
 HAND = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
-REL = 1e-3
+# Sharded norms are fp32 sums, maxima and SVDs of the shards; the references are float64 of the
+# same fp32 values. Measured worst relative error of those: 1.5e-7 (2 ulp of fp32), so FP32_REL
+# leaves ~7x headroom. The supremum is a max: exact in any precision. Only σ_max by Lanczos
+# (rms_to_rms without the condition number) is an iterative estimate: SIGMA_REL bounds its convergence.
+FP32_REL = 1e-6
+SIGMA_REL = 1e-3
 
 
 def _rel(a: float, b: float) -> float:
     return 0.0 if a == b else abs(a - b) / max(abs(b), 1e-30)
 
 
-def _assert_norms_close(got: dict, expected: dict, rel: float, where: str) -> None:
+def _assert_norms_close(got: dict, expected: dict, rel: float, where: str, sigma_rel: float | None = None) -> None:
+    """Every norm within ``rel`` (rms_to_rms within ``sigma_rel`` when given), the supremum exact."""
     assert set(got) == set(expected), f"{where}: norms {sorted(got)} != {sorted(expected)}"
     for norm, value in expected.items():
-        assert _rel(got[norm], value) <= rel, f"{where}: {norm} {got[norm]} vs {value}"
+        tolerance = 0.0 if norm == "supremum" else sigma_rel if norm == "rms_to_rms" and sigma_rel else rel
+        assert _rel(got[norm], value) <= tolerance, f"{where}: {norm} {got[norm]} vs {value} (rel {tolerance})"
 
 
 def test_matrix_norms_hand_values():
@@ -118,9 +125,10 @@ def _sharded_worker(rank: int, world: int) -> None:
                 W = _full(shape, seed)
                 shard = W.chunk(tp, dim=pdim)[tp_rank]
                 where = f"tp{tp} pdim{pdim} {shape}"
-                _assert_norms_close(sharded_norms(shard, pdim, group, key="w"), matrix_norms(W), REL, where)
+                _assert_norms_close(sharded_norms(shard, pdim, group, key="w"), matrix_norms(W), FP32_REL, where,
+                                    SIGMA_REL)
                 _assert_norms_close(sharded_norms(shard, pdim, group, with_condition=True),
-                                    matrix_norms(W, with_condition=True), REL, where + " condition")
+                                    matrix_norms(W, with_condition=True), FP32_REL, where + " condition")
             # Warm start: 2 cold iterations are far off; 5 warm ones per call on a slowly changing
             # matrix converge across calls because the state carries the singular vector over.
             W0, D = _full((40, 32), 3), _full((40, 32), 4)
@@ -130,12 +138,13 @@ def _sharded_worker(rank: int, world: int) -> None:
                 W = W0 + 0.01 * call * D
                 got = sharded_norms(W.chunk(tp, dim=pdim)[tp_rank], pdim, group, state=state, key="w")
                 errors.append(_rel(got["rms_to_rms"], matrix_norms(W)["rms_to_rms"]))
-            assert errors[0] > 10 * REL and max(errors[-5:]) <= REL / 10, f"tp{tp} pdim{pdim} warm: {errors}"
+            assert errors[0] > 10 * SIGMA_REL and max(errors[-5:]) <= SIGMA_REL / 10, \
+                f"tp{tp} pdim{pdim} warm: {errors}"
         b = _full((16,), 5)
-        _assert_norms_close(sharded_norms(b.chunk(tp)[tp_rank], 0, group), vector_norms(b), 1e-6, f"tp{tp} 1-D")
-        _assert_norms_close(sharded_norms(b, None, group), vector_norms(b), 1e-6, f"tp{tp} replicated 1-D")
+        _assert_norms_close(sharded_norms(b.chunk(tp)[tp_rank], 0, group), vector_norms(b), FP32_REL, f"tp{tp} 1-D")
+        _assert_norms_close(sharded_norms(b, None, group), vector_norms(b), FP32_REL, f"tp{tp} replicated 1-D")
         _assert_norms_close(sharded_norms(_full((8, 12), 6), None, group), matrix_norms(_full((8, 12), 6)),
-                            REL, f"tp{tp} replicated 2-D")
+                            FP32_REL, f"tp{tp} replicated 2-D", SIGMA_REL)
 
 
 def test_sharded_norms_equal_full_norms_tp_1_2_4():
@@ -185,7 +194,7 @@ def _batch_worker(rank: int, world: int) -> None:
         full = _full(shape, 30 + i)
         expected = matrix_norms(full) if full.dim() == 2 else vector_norms(full)
         exact = {n: v for n, v in expected.items() if n != "rms_to_rms"}
-        _assert_norms_close({n: many[key][n] for n in exact}, exact, 1e-6, key)
+        _assert_norms_close({n: many[key][n] for n in exact}, exact, FP32_REL, key)
     with_condition = sharded_norms_many(shards, group, with_condition=True)
     assert with_condition == {key: sharded_norms(shard, pdim, group, key=key, with_condition=True)
                               for key, shard, pdim in shards}
@@ -289,9 +298,10 @@ def test_tracker_writes_records_of_full_norms(tracker_runs: Path, tp: int, pp: i
         assert list(record["params"]) == list(ALL_SHAPES) == list(record["updates"])
         for name in ALL_SHAPES:
             after, before = _trajectory(name, step), _trajectory(name, step - 1)
-            _assert_norms_close(record["params"][name], _expected_norms(name, after), REL, f"{name} param")
-            _assert_norms_close(record["updates"][name], _expected_norms(name, after - before), REL,
-                                f"{name} update")
+            _assert_norms_close(record["params"][name], _expected_norms(name, after), FP32_REL, f"{name} param",
+                                SIGMA_REL)
+            _assert_norms_close(record["updates"][name], _expected_norms(name, after - before), FP32_REL,
+                                f"{name} update", SIGMA_REL)
         for kind, key in (("param", "params"), ("update", "updates")):
             groups, per = record["groups"][kind], record[key]
             assert set(groups) == {"embedding", "attention", "mlp", "output", "gains"}

@@ -1,7 +1,8 @@
 """ScionOptimizer on real megatron-core GPTModels (local spec, GQA + SwiGLU) in gloo processes.
 
 - TP2 model in megatron DDP, real forward/backward: two steps equal the reference Scion run on
-  the gathered (TP1) weights and gradients.
+  the gathered (TP1) weights and gradients; a NaN gradient on one rank then makes ``step()``
+  return ``(False, None, None)`` on both ranks with weights and masters unchanged.
 - Momentum saved at TP2×PP2 through dist_checkpointing reloads at TP1×PP1 and the next step
   equals the step the TP2×PP2 run took.
 """
@@ -112,9 +113,16 @@ def tp2_ddp_worker(rank: int, world: int, qkv_split: str, bf16: bool) -> None:
         assert grad_norm == pytest.approx(float(torch.stack([g.norm() for g in grads.values()]).norm()), rel=1e-6)
         _assert_same_change(before, _gather_full(model, cfg, lambda p: master[p]), ref_params,
                             f"TP2 DDP step {step + 1} rank {rank}")
-        assert all(torch.equal(p, m.to(p.dtype)) for p, m in master.items())
+        if bf16:  # the bf16 model params are refreshed from the stepped fp32 masters (fp32: they are the masters)
+            assert all(torch.equal(p, m.to(p.dtype)) for p, m in master.items())
     stats = opt.comm_stats()["last_step"]
     assert stats["all_to_all"]["calls"] > 0 and stats["all_to_all"]["sent"] > 0
+    # A non-finite grad on one rank: megatron's step contract says skipped, on every rank, nothing moved.
+    kept = {p: (p.detach().clone(), m.detach().clone()) for p, m in master.items()}
+    if rank == 1:
+        next(iter(master)).main_grad[0] = float("nan")
+    assert opt.step() == (False, None, None)
+    assert all(torch.equal(p, a) and torch.equal(m, b) for (p, m), (a, b) in zip(master.items(), kept.values()))
 
 
 @pytest.mark.parametrize("qkv_split,bf16", [("fused", False), ("qkv", True)],

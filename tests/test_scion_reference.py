@@ -129,14 +129,23 @@ def test_momentum_is_weight_of_new_gradient():
     torch.testing.assert_close(buf, 0.09 * g1 + 0.1 * g2)
 
 
-def test_momentum_one_uses_only_current_gradient():
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_momentum_alpha_sets_the_direction_of_the_second_step(alpha):
+    """After g₁ = 1 and g₂ = −c, d = α(1 − α − c) under d ← (1−α)d + αg, so the sign LMO's second
+    step has sign(1 − α − c) per entry. α = 1 uses only the current gradient (every entry −1); at
+    α = 0.25 the entries with c < 0.75 keep the first gradient's sign. The other convention
+    (α weighting the OLD momentum) would flip at c = α instead."""
+    c = torch.linspace(0.05, 0.95, 8).expand(4, 8)
     W = torch.zeros(4, 8, requires_grad=True)
-    opt = Scion([W], lr=1.0, radius=1.0, momentum=1.0, lmo="sign")
+    opt = Scion([W], lr=1.0, radius=1.0, momentum=alpha, lmo="sign")
     W.grad = torch.ones(4, 8)
     opt.step()
-    W.grad = -torch.ones(4, 8)  # W ← W − sign(−1)/8 undoes the first step exactly
+    assert torch.equal(W.detach(), torch.full((4, 8), -1 / 8))
+    W.grad = -c.clone()
     opt.step()
-    assert torch.equal(W.detach(), torch.zeros(4, 8))
+    expected_sign = torch.sign(1 - alpha - c)
+    assert (expected_sign > 0).sum() == (0 if alpha == 1.0 else 24)
+    assert torch.equal(W.detach(), -1 / 8 - expected_sign / 8)
 
 
 def _qkv_splits() -> list[torch.Tensor]:

@@ -30,8 +30,8 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from disco_megatron.config import RunDir
+from disco_megatron.models.naming import PARAM_GROUPS, param_group
 from disco_megatron.norms.writers import read_norms_jsonl, read_norms_tensorboard
-from disco_megatron.optim.layout import PARAM_GROUPS, param_group
 
 CORE_COLUMNS = ("run", "step", "tokens", "loss", "param", "group", "kind", "norm", "value")
 _KINDS = (("param", "params"), ("update", "updates"))

@@ -71,10 +71,11 @@ def single_process_parallel() -> Iterator[None]:
     import torch.distributed as dist
 
     from disco_megatron.runtime import destroy_parallel, initialize_parallel
+    from disco_megatron.runtime.parallel import init_process_group
 
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         initialize_parallel(1, 1)
         yield
@@ -308,32 +309,26 @@ def read_run_config(path: str) -> RunConfig:
         raise ConversionError(f"--run-config {path}: not a disco-pretrain {RunDir.run_config.name} ({exc})") from exc
 
 
-def _reshard_worker(rank: int, world: int, store_path: str, cfg: RunConfig, model_config: dict, load: str,
+def _reshard_worker(rank: int, world: int, cfg: RunConfig, model_config: dict, load: str,
                     iteration: Optional[int], save: str) -> None:
     """One rank of the target layout: build model + optimizer as training does, load, save."""
-    os.environ.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
     from disco_megatron.builders import build_trainable
-    from disco_megatron.runtime import destroy_parallel, initialize_parallel, quiet_known_warnings
+    from disco_megatron.runtime import initialize_parallel, quiet_known_warnings
 
     quiet_known_warnings()
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    try:
-        info = initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.seed)
-        run = build_trainable(cfg)
-        state = storage.load_checkpoint(load, run.model, run.optimizer, run.scheduler, model_config, info.layout,
-                                        load_optim=True, load_rng=False, iteration=iteration)
-        storage.save_checkpoint(save, run.model, run.optimizer, run.scheduler, state, model_config, info.layout)
-    finally:
-        destroy_parallel()
+    info = initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.seed)
+    run = build_trainable(cfg)
+    state = storage.load_checkpoint(load, run.model, run.optimizer, run.scheduler, model_config, info.layout,
+                                    load_optim=True, load_rng=False, iteration=iteration)
+    storage.save_checkpoint(save, run.model, run.optimizer, run.scheduler, state, model_config, info.layout)
 
 
 def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Optional[int] = None,
             run_config: Optional[str] = None, force: bool = False) -> str:
     """A checkpoint at TP a / PP b -> TP c / PP d with optimizer, scheduler and data position; returns its dir."""
     import torch.multiprocessing as mp
+
+    from disco_megatron.runtime.spawn import run_workers
 
     check_output(out, force, load)
     ckpt, common = storage.read_common_state(load, iteration)
@@ -354,16 +349,11 @@ def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Opti
         raise ConversionError(f"--target-tp {target_tp} --target-pp {target_pp}: {exc}") from exc
     world = target_tp * target_pp
     with staged_output(out) as tmp:
-        store = tmp + ".store"
         try:
-            mp.spawn(_reshard_worker, args=(world, store, cfg, common["model_config"], load, iteration, tmp),
-                     nprocs=world, join=True)
+            run_workers(_reshard_worker, world, cfg, common["model_config"], load, iteration, tmp)
         except mp.ProcessRaisedException as exc:
             last = re.sub(r"^[\w.]+(Error|Exception): ", "", str(exc).strip().splitlines()[-1])
             raise ConversionError(f"reshard to TP {target_tp} x PP {target_pp} failed: {last}") from exc
-        finally:
-            if os.path.exists(store):
-                os.remove(store)
         _write_json(RunDir(tmp).run_config, {**cfg.to_dict(), "model": common["model_config"]})
         final = storage.checkpoint_dir(out, storage.read_latest_iteration(tmp))
     return final

@@ -2,13 +2,10 @@
 
 "Full state" here means the TP1/PP1 parameter names of megatron-core's local-spec GPTModel
 (``decoder.layers.N.self_attention.linear_qkv.weight`` ...) with the vocab rows unpadded
-(exactly ``vocab_size`` rows), so it matches HuggingFace row for row. Conventions mapped:
-
-- fused ``linear_qkv`` rows are ordered per query group ``[q heads of the group | k | v]``;
-  HF keeps ``q_proj`` (heads in order), ``k_proj`` and ``v_proj`` separate;
-- SwiGLU ``linear_fc1`` is ``[gate | up]`` -> ``gate_proj`` / ``up_proj``;
-- megatron-core's default RoPE (non-interleaved, rotate-half over the whole head) is the
-  convention of HF Llama, so q/k rows need no permutation.
+(exactly ``vocab_size`` rows), so it matches HuggingFace row for row. The names, the HF name
+of each piece and the fused QKV row layout come from :mod:`disco_megatron.models.naming`:
+fused ``linear_qkv`` splits into ``q_proj``/``k_proj``/``v_proj``, gated ``linear_fc1`` into
+``gate_proj``/``up_proj``, every other tensor maps one to one.
 """
 from __future__ import annotations
 
@@ -19,6 +16,7 @@ from torch import Tensor
 
 from disco_megatron.checkpoint import ConversionError
 from disco_megatron.config import ModelConfig
+from disco_megatron.models.naming import fuse_qkv, hf_names, llama_param_names, param_rule, split_qkv
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,43 +37,19 @@ def require_llama_shape(cfg: ModelConfig, source: str) -> None:
 
 def megatron_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Expected full-state parameter shapes (unpadded vocab) of a Llama-shaped GPT."""
-    h, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.query_groups
+    h, heads, groups, ffn = cfg.hidden_size, cfg.num_attention_heads, cfg.query_groups, cfg.ffn_size
     head_dim = h // heads
-    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.vocab_size, h)}
-    for i in range(cfg.num_layers):
-        p = f"decoder.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attention.linear_qkv.weight"] = ((heads + 2 * groups) * head_dim, h)
-        shapes[p + "self_attention.linear_proj.weight"] = (h, heads * head_dim)
-        shapes[p + "pre_mlp_layernorm.weight"] = (h,)
-        shapes[p + "mlp.linear_fc1.weight"] = (2 * cfg.ffn_size, h)
-        shapes[p + "mlp.linear_fc2.weight"] = (h, cfg.ffn_size)
-    shapes["decoder.final_layernorm.weight"] = (h,)
-    if cfg.untie_embeddings_and_output_weights:
-        shapes["output_layer.weight"] = (cfg.vocab_size, h)
-    return shapes
+    by_role = {"embedding": (cfg.vocab_size, h), "output": (cfg.vocab_size, h), "gain": (h,),
+               "qkv": ((heads + 2 * groups) * head_dim, h), "proj": (h, heads * head_dim),
+               "fc1": (2 * ffn, h), "fc2": (h, ffn)}
+    return {name: by_role[param_rule(name).role]
+            for name in llama_param_names(cfg.num_layers, cfg.untie_embeddings_and_output_weights)}
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Expected HF Llama tensor shapes for the same model."""
-    h, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.query_groups
-    head_dim = h // heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, h)
-        shapes[p + "self_attn.k_proj.weight"] = (groups * head_dim, h)
-        shapes[p + "self_attn.v_proj.weight"] = (groups * head_dim, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, heads * head_dim)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (cfg.ffn_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (cfg.ffn_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, cfg.ffn_size)
-    shapes["model.norm.weight"] = (h,)
-    if cfg.untie_embeddings_and_output_weights:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes
+    """Expected HF Llama tensor shapes for the same model (its megatron shapes, mapped)."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in megatron_shapes(cfg).items()}
+    return {name: tuple(t.shape) for name, t in _to_hf(meta, cfg).items()}
 
 
 def check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], source: str,
@@ -95,55 +69,30 @@ def check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, 
             )
 
 
-def split_qkv(qkv: Tensor, heads: int, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused per-group ``[q heads | k | v]`` rows -> (q, k, v) row blocks."""
-    per_group = heads // groups
-    head_dim = qkv.shape[0] // (heads + 2 * groups)
-    grouped = qkv.reshape(groups, per_group + 2, head_dim, -1)
-    q = grouped[:, :per_group].reshape(heads * head_dim, -1)
-    k = grouped[:, per_group].reshape(groups * head_dim, -1)
-    v = grouped[:, per_group + 1].reshape(groups * head_dim, -1)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+def _pieces(name: str, tensor: Tensor, cfg: ModelConfig) -> tuple[Tensor, ...]:
+    """The tensors of ``hf_names(name)``, in order: QKV split per query group, gated fc1 halved."""
+    rule = param_rule(name)
+    if rule.role == "qkv":
+        return split_qkv(tensor, cfg.num_attention_heads, cfg.query_groups)
+    return tensor.chunk(2, dim=0) if rule.glu else (tensor,)
 
 
-def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, heads: int, groups: int) -> Tensor:
-    """Inverse of :func:`split_qkv`."""
-    per_group = heads // groups
-    head_dim = q.shape[0] // heads
-    columns = q.shape[1]
-    grouped = torch.cat([q.reshape(groups, per_group, head_dim, columns),
-                         k.reshape(groups, 1, head_dim, columns),
-                         v.reshape(groups, 1, head_dim, columns)], dim=1)
-    return grouped.reshape(-1, columns).contiguous()
+def _fused(name: str, pieces: list[Tensor], cfg: ModelConfig) -> Tensor:
+    """Inverse of :func:`_pieces`."""
+    if param_rule(name).role == "qkv":
+        return fuse_qkv(*pieces, cfg.num_attention_heads, cfg.query_groups)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-_LAYER_PAIRS = (  # (megatron suffix, HF suffix) of tensors that map one to one inside a layer
-    ("input_layernorm.weight", "input_layernorm.weight"),
-    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
-    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    ("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
-)
+def _to_hf(full: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    return {hf_name: piece for name in megatron_shapes(cfg)
+            for hf_name, piece in zip(hf_names(name), _pieces(name, full[name], cfg))}
 
 
 def megatron_to_hf(full: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """HF Llama state dict of a full megatron state (checked against ``cfg`` first)."""
     check_shapes(full, megatron_shapes(cfg), "megatron state", "the checkpoint's model_config")
-    heads, groups = cfg.num_attention_heads, cfg.query_groups
-    hf = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-          "model.norm.weight": full["decoder.final_layernorm.weight"]}
-    if cfg.untie_embeddings_and_output_weights:
-        hf["lm_head.weight"] = full["output_layer.weight"]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for m_name, h_name in _LAYER_PAIRS:
-            hf[h + h_name] = full[m + m_name]
-        q, k, v = split_qkv(full[m + "self_attention.linear_qkv.weight"], heads, groups)
-        hf[h + "self_attn.q_proj.weight"] = q
-        hf[h + "self_attn.k_proj.weight"] = k
-        hf[h + "self_attn.v_proj.weight"] = v
-        gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"] = gate, up
-    return {name: t.contiguous() for name, t in hf.items()}
+    return {name: t.contiguous() for name, t in _to_hf(full, cfg).items()}
 
 
 def hf_to_megatron(hf: Mapping[str, Tensor], cfg: ModelConfig, source: str) -> dict[str, Tensor]:
@@ -154,20 +103,7 @@ def hf_to_megatron(hf: Mapping[str, Tensor], cfg: ModelConfig, source: str) -> d
     if not cfg.untie_embeddings_and_output_weights:
         hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}
     check_shapes(hf, hf_shapes(cfg), source, "config.json")
-    heads, groups = cfg.num_attention_heads, cfg.query_groups
-    full = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if cfg.untie_embeddings_and_output_weights:
-        full["output_layer.weight"] = hf["lm_head.weight"]
-    for i in range(cfg.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for m_name, h_name in _LAYER_PAIRS:
-            full[m + m_name] = hf[h + h_name]
-        full[m + "self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"],
-            hf[h + "self_attn.v_proj.weight"], heads, groups)
-        full[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
-    return {name: t.contiguous() for name, t in full.items()}
+    return {name: _fused(name, [hf[n] for n in hf_names(name)], cfg).contiguous() for name in megatron_shapes(cfg)}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -26,28 +26,11 @@ from torch import Tensor
 from disco_megatron.checkpoint import ConversionError
 from disco_megatron.checkpoint.storage import RELEASE, checkpoint_dir, read_latest_iteration, require_saved_iteration
 from disco_megatron.config import ModelConfig
-from disco_megatron.models.sharding import gather_full_tensor, global_param_name, tp_partition_dim
+from disco_megatron.models.naming import local_spec_name, tp_partition_dim
+from disco_megatron.models.sharding import gather_full_tensor, global_param_name
 
 LEGACY_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-# Old (pre-megatron-core) Megatron-LM names -> megatron-core local-spec names, applied in order.
-_OLD_NAMES = (
-    (r"^language_model\.embedding\.", "embedding."),
-    (r"^language_model\.output_layer\.", "output_layer."),
-    (r"^language_model\.encoder\.final_(?:norm|layernorm)\.", "decoder.final_layernorm."),
-    (r"^language_model\.encoder\.layers\.", "decoder.layers."),
-    (r"\.input_(?:norm|layernorm)\.", ".input_layernorm."),
-    (r"\.post_attention_(?:norm|layernorm)\.", ".pre_mlp_layernorm."),
-    (r"\.self_attention\.query_key_value\.", ".self_attention.linear_qkv."),
-    (r"\.self_attention\.dense\.", ".self_attention.linear_proj."),
-    (r"\.mlp\.dense_h_to_4h\.", ".mlp.linear_fc1."),
-    (r"\.mlp\.dense_4h_to_h\.", ".mlp.linear_fc2."),
-)
-# TransformerEngine fuses the pre-attention / pre-MLP norms into the following linear layer.
-_TE_NAMES = (
-    (r"\.self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r".input_layernorm.\1"),
-    (r"\.mlp\.linear_fc1\.layer_norm_(weight|bias)$", r".pre_mlp_layernorm.\1"),
-)
 _UNSUPPORTED_ARGS = (  # (attribute, value our GPT supports, what to say)
     ("virtual_pipeline_model_parallel_size", None, "virtual pipeline stages"),
     ("num_experts", None, "mixture of experts"),
@@ -100,13 +83,14 @@ def flatten(state: Mapping, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def canonical_legacy_name(name: str) -> Optional[str]:
+def canonical_legacy_name(name: str, source: str) -> Optional[str]:
     """megatron-core local-spec name of a legacy tensor name; None for non-parameters to drop."""
     if name.endswith("_extra_state") or name.endswith("inv_freq"):
         return None
-    for pattern, replacement in _OLD_NAMES + _TE_NAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
+    try:
+        return local_spec_name(name)
+    except ValueError as exc:
+        raise ConversionError(f"{source}: {exc}") from exc
 
 
 def _arg(args: object, name: str, source: str, *fallbacks: str):
@@ -182,7 +166,7 @@ def read_legacy_checkpoint(load: str, iteration: Optional[int] = None,
     for (tp_rank, pp_rank), path in sorted(files.items()):
         state = first if (tp_rank, pp_rank) == min(files) else _load_rank_file(path)
         for raw, value in flatten(state["model"]).items():
-            name = canonical_legacy_name(raw)
+            name = canonical_legacy_name(raw, path)
             if name is None:
                 continue
             if not isinstance(value, Tensor):

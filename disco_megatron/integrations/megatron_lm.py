@@ -5,7 +5,7 @@ release that matches megatron-core 0.16.1). :func:`install` patches, each for a 
 in that source:
 
 - ``arguments.add_megatron_arguments`` also runs :func:`add_scion_args`: the Scion flags of
-  ``disco_megatron.config``'s table, ``--norm-log-interval``/``--norm-log-file``, and ``scion``
+  ``disco_megatron.scion_options``, ``--norm-log-interval``/``--norm-log-file``, and ``scion``
   appended to ``--optimizer``'s ``choices`` (Megatron-LM allows adam/sgd/muon/dist_muon).
   Patching the parser itself, not ``extra_args_provider``, matters: ``pretrain_gpt.py`` parses
   the command line once before ``pretrain`` (in-process restart) without any provider.
@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
-from disco_megatron.config import CHOICES, RUN_FLAGS, SCION_FLAGS, RunConfig, ScionFlags, add_flags
+from disco_megatron.config import RUN_FLAGS, RunConfig, add_flags
+from disco_megatron.scion_options import SCION_FLAGS, ScionFlags, add_scion_arguments
 
 if TYPE_CHECKING:
     from disco_megatron.optim.config import ScionConfig
@@ -71,13 +72,7 @@ def add_scion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if optimizer is not None and optimizer.choices is not None and SCION not in optimizer.choices:
         optimizer.choices = [*optimizer.choices, SCION]
     group = parser.add_argument_group("scion", "disco_megatron: distributed Scion (--optimizer scion)")
-    add_flags(group, SCION_FLAGS, ScionFlags(), "scion_")
-    for action in group._group_actions:
-        allowed = CHOICES.get("scion." + action.dest[len("scion_"):])
-        if allowed is not None:
-            action.choices = allowed[1]
-    group.add_argument("--scion-constrained", action="store_true",
-                       help="constrained update W <- (1-lr) W - lr radius lmo(d) (default: unconstrained)")
+    add_scion_arguments(group, "scion_", argparse_choices=True)
     if "--norm-log-interval" not in parser._option_string_actions:
         add_flags(group, _NORM_FLAG, RunConfig(), "")
     group.add_argument("--norm-log-file", default=None,
@@ -89,8 +84,7 @@ def scion_config_from_args(args: argparse.Namespace) -> "ScionConfig":
     """A validated ``ScionConfig`` from Megatron-LM's parsed arguments."""
     from disco_megatron.optim.config import scion_config_from_flags
 
-    flags = ScionFlags(constrained=args.scion_constrained,
-                       **{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
+    flags = ScionFlags(**{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
     config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16)
     if getattr(args, "clip_grad", 0.0):
         logger.info("--optimizer scion never clips gradients; --clip-grad %s is ignored", args.clip_grad)
@@ -150,7 +144,7 @@ def global_named_params(model_chunks: Sequence[torch.nn.Module]) -> list[tuple[s
     """
     from megatron.core.utils import get_attr_wrapped_model
 
-    from disco_megatron.models.sharding import canonical_name
+    from disco_megatron.models.naming import canonical_name
 
     named = []
     for chunk in model_chunks:

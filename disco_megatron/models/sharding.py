@@ -1,56 +1,22 @@
 """Full (TP1/PP1) <-> local TP/PP shard mapping of megatron-core GPT parameters.
 
-Megatron conventions this module encodes (the optimizer layout, the checkpoint converters and
-the tests share them from here):
+Which dim a parameter is split along and whether it is a gated ``linear_fc1`` come from the
+naming table (:mod:`disco_megatron.models.naming`); this module does the arithmetic:
 
-- ColumnParallel (``linear_qkv``, ``linear_fc1``, vocab-parallel ``word_embeddings`` and
-  ``output_layer``, and their biases): partition dim 0, TP rank r holds the r-th contiguous
-  row block. Fused QKV rows are ordered per query group ``[q heads | k | v]`` and TP ranks
-  hold contiguous groups, so plain row blocks are right for it too.
-- SwiGLU ``linear_fc1`` (weight and bias) is the exception: the full tensor is
-  ``[gate | up]`` and TP shard r is ``[gate_r | up_r]`` (each half chunked separately).
-- RowParallel (``linear_proj``, ``linear_fc2``) weights: partition dim 1 (column blocks);
-  their biases, layer norms and position embeddings are replicated (partition dim None).
-- Pipeline stages number their ``decoder.layers.N.`` locally from 0; with an even split,
+- a split tensor's TP rank r holds the r-th contiguous block along its partition dim;
+- a gated ``linear_fc1`` (weight and bias) is ``[gate | up]`` and TP shard r is
+  ``[gate_r | up_r]`` (each half chunked separately);
+- pipeline stages number their ``decoder.layers.N.`` locally from 0; with an even split,
   global layer = stage * layers_per_stage + local.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-_COLUMN_PARALLEL = ("linear_qkv.", "linear_fc1.", "word_embeddings.", "output_layer.")
-_ROW_PARALLEL = ("linear_proj.", "linear_fc2.")
-_LAYER_RE = re.compile(r"decoder\.layers\.(\d+)\.")
-
-
-def canonical_name(name: str) -> str:
-    """Strip wrapper prefixes (megatron DDP / Float16Module ``module.``) from a parameter name."""
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
-
-
-def tp_partition_dim(name: str) -> int | None:
-    """Megatron TP partition dim of a GPT parameter: 0 (row blocks), 1 (column blocks) or None."""
-    name = canonical_name(name)
-    leaf = name.rsplit(".", 1)[-1]
-    if "layer_norm" in leaf or "layernorm" in name:
-        return None
-    if any(part in name for part in _COLUMN_PARALLEL):
-        return 0
-    if any(part in name for part in _ROW_PARALLEL):
-        return 1 if leaf == "weight" else None
-    return None
-
-
-def is_glu_fc1(name: str, glu: bool) -> bool:
-    """True when the parameter is a gated ``linear_fc1`` weight/bias ([gate | up] halves)."""
-    name = canonical_name(name)
-    return glu and "linear_fc1." in name and name.rsplit(".", 1)[-1] in ("weight", "bias")
+from disco_megatron.models.naming import canonical_name, is_glu_fc1, layer_number, renumber_layer
 
 
 def shard_full_tensor(name: str, full: Tensor, tp_rank: int, tp_size: int,
@@ -102,11 +68,10 @@ def stage_to_layer(pp_rank: int, local_layer: int, num_layers: int, pp_size: int
 
 def global_param_name(name: str, pp_rank: int, num_layers: int, pp_size: int) -> str:
     """Rewrite a stage-local ``decoder.layers.N.`` name to its global (PP1) layer number."""
-    name = canonical_name(name)
-    return _LAYER_RE.sub(
-        lambda m: f"decoder.layers.{stage_to_layer(pp_rank, int(m.group(1)), num_layers, pp_size)}.",
-        name,
-    )
+    local = layer_number(name)
+    if local is None:
+        return canonical_name(name)
+    return renumber_layer(name, stage_to_layer(pp_rank, local, num_layers, pp_size))
 
 
 def local_param_name(name: str, num_layers: int, pp_size: int) -> tuple[int | None, str]:
@@ -115,9 +80,8 @@ def local_param_name(name: str, num_layers: int, pp_size: int) -> tuple[int | No
     Non-layer parameters live on the first (embedding) or last (final norm, output) stage;
     which one is the caller's knowledge (it depends on pre/post-process), so None is returned.
     """
-    name = canonical_name(name)
-    match = _LAYER_RE.search(name)
-    if match is None:
-        return None, name
-    stage, local = layer_to_stage(int(match.group(1)), num_layers, pp_size)
-    return stage, _LAYER_RE.sub(f"decoder.layers.{local}.", name, count=1)
+    layer = layer_number(name)
+    if layer is None:
+        return None, canonical_name(name)
+    stage, local = layer_to_stage(layer, num_layers, pp_size)
+    return stage, renumber_layer(name, local)

@@ -36,9 +36,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from disco_megatron.models.naming import param_group
 from disco_megatron.norms.definitions import aggregate_groups
 from disco_megatron.norms.sharded import PowerIterationState, global_numel, param_partition_dim, sharded_norms_many
-from disco_megatron.optim.layout import param_group
 
 
 class NormWriter(Protocol):

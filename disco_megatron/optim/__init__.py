@@ -7,12 +7,13 @@ from typing import Any
 
 from disco_megatron.optim.distributed import DistributedScion, StageGroups
 from disco_megatron.optim.layout import ParamLayout, build_layout, param_group
+from disco_megatron.optim.plan import ExchangePlan, build_exchange_plan
 from disco_megatron.optim.scion import Scion
 
 _MEGATRON = {"ScionConfig": "config", "ScionOptimizer": "megatron", "get_scion_optimizer": "megatron"}
 
 __all__ = ["Scion", "DistributedScion", "StageGroups", "ParamLayout", "build_layout", "param_group",
-           *_MEGATRON]
+           "ExchangePlan", "build_exchange_plan", *_MEGATRON]
 
 
 def __getattr__(name: str) -> Any:

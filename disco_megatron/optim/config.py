@@ -10,20 +10,16 @@ default to the hidden radius). Weight decay is decoupled and, as in megatron, no
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
-from disco_megatron.config import ScionFlags
-from disco_megatron.optim.distributed import DP_MODES, TP_MODES
-from disco_megatron.optim.layout import LR_GROUPS, OUTPUT_LMOS, QKV_SPLITS
-from disco_megatron.optim.newton_schulz import BACKENDS
-
-
-_FLAGS = ScionFlags()  # one set of defaults: the CLI's
+from disco_megatron import scion_options
+from disco_megatron.scion_options import DEFAULTS, ScionFlags
 
 
 @dataclass
@@ -36,48 +32,36 @@ class ScionConfig(OptimizerConfig):
     scion_lr_embedding: Optional[float] = None
     scion_lr_output: Optional[float] = None
     scion_lr_gains: Optional[float] = None
-    scion_momentum: float = _FLAGS.momentum
-    scion_radius_embedding: float = _FLAGS.radius_embedding
-    scion_radius_hidden: float = _FLAGS.radius_hidden
-    scion_radius_output: float = _FLAGS.radius_output
+    scion_momentum: float = DEFAULTS.momentum
+    scion_radius_embedding: float = DEFAULTS.radius_embedding
+    scion_radius_hidden: float = DEFAULTS.radius_hidden
+    scion_radius_output: float = DEFAULTS.radius_output
     scion_radius_gains: Optional[float] = None
-    scion_constrained: bool = _FLAGS.constrained
-    scion_ns_backend: str = _FLAGS.ns_backend
-    scion_ns_steps: int = _FLAGS.ns_steps
-    scion_tp_mode: str = _FLAGS.tp_mode
-    scion_dp_mode: str = _FLAGS.dp_mode
-    scion_qkv_split: str = _FLAGS.qkv_split
-    scion_output_lmo: str = _FLAGS.output_lmo
+    scion_constrained: bool = DEFAULTS.constrained
+    scion_ns_backend: str = DEFAULTS.ns_backend
+    scion_ns_steps: int = DEFAULTS.ns_steps
+    scion_tp_mode: str = DEFAULTS.tp_mode
+    scion_dp_mode: str = DEFAULTS.dp_mode
+    scion_qkv_split: str = DEFAULTS.qkv_split
+    scion_output_lmo: str = DEFAULTS.output_lmo
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate()
 
     def validate(self) -> None:
-        """Raise one ValueError naming the flag and the fix for the first bad setting."""
-        choices = {"--scion-tp-mode": (self.scion_tp_mode, TP_MODES),
-                   "--scion-dp-mode": (self.scion_dp_mode, DP_MODES),
-                   "--scion-qkv-split": (self.scion_qkv_split, QKV_SPLITS),
-                   "--scion-output-lmo": (self.scion_output_lmo, OUTPUT_LMOS),
-                   "--scion-ns-backend": (self.scion_ns_backend, BACKENDS)}
-        for flag, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+        """Raise one ValueError naming the flag and the fix for the first bad setting.
+
+        The Scion settings go through ``scion_options.validate`` (as the CLI's do); then what only a
+        megatron optimizer config has: the gains group, clipping, fp16, the distributed optimizer.
+        """
         if self.lr is None:
             raise ValueError("--lr (the hidden-layer Scion learning rate) is required")
-        for group in LR_GROUPS:
-            if self.group_lr(group) < 0:
-                raise ValueError(f"--scion-lr-{group} must be >= 0, got {self.group_lr(group)}")
-            if self.group_radius(group) < 0:
-                raise ValueError(f"--scion-radius-{group} must be >= 0, got {self.group_radius(group)}")
-        if not 0.0 < self.scion_momentum <= 1.0:
-            raise ValueError(
-                f"--scion-momentum is the weight of the NEW gradient and must be in (0, 1], got "
-                f"{self.scion_momentum} (0.1 matches a classical momentum of 0.9)")
-        if self.scion_ns_steps < 1:
-            raise ValueError(f"--scion-ns-steps must be >= 1, got {self.scion_ns_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        scion_options.validate(self.as_flags())
+        for name, value in (("lr", self.scion_lr_gains), ("radius", self.scion_radius_gains)):
+            if value is not None and not 0 <= value < math.inf:
+                raise ValueError(f"scion_{name}_gains {value}: must be a finite number >= 0 (or None: the "
+                                 "hidden group's)")
         if self.clip_grad > 0:
             raise ValueError("Scion does not clip gradients (its updates have a fixed norm); "
                              "set --clip-grad 0")
@@ -87,6 +71,16 @@ class ScionConfig(OptimizerConfig):
         if self.use_distributed_optimizer:
             raise ValueError("Scion shards its own work (--scion-dp-mode sharded); drop "
                              "--use-distributed-optimizer")
+
+    def as_flags(self) -> ScionFlags:
+        """The Scion settings as the flags name them (``lr`` is the hidden lr, ``weight_decay`` Scion's)."""
+        return ScionFlags(
+            lr_embedding=self.scion_lr_embedding, lr_hidden=self.lr, lr_output=self.scion_lr_output,
+            momentum=self.scion_momentum, radius_embedding=self.scion_radius_embedding,
+            radius_hidden=self.scion_radius_hidden, radius_output=self.scion_radius_output,
+            constrained=self.scion_constrained, weight_decay=self.weight_decay, ns_backend=self.scion_ns_backend,
+            ns_steps=self.scion_ns_steps, tp_mode=self.scion_tp_mode, dp_mode=self.scion_dp_mode,
+            qkv_split=self.scion_qkv_split, output_lmo=self.scion_output_lmo)
 
     def group_lr(self, group: str) -> float:
         """Peak lr of an lr group (embedding, hidden, output, gains)."""
@@ -106,8 +100,8 @@ class ScionConfig(OptimizerConfig):
         return float(self.scion_radius_hidden if value is None else value)
 
 
-def scion_config_from_flags(flags: Any, lr: float, min_lr: float = 0.0, bf16: bool = False) -> ScionConfig:
-    """ScionConfig from the CLI's ``ScionFlags`` (``disco_megatron.config``) and ``--lr``/``--min-lr``.
+def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, bf16: bool = False) -> ScionConfig:
+    """ScionConfig from ``ScionFlags`` (the CLI's or the Megatron-LM plug-in's) and ``--lr``/``--min-lr``.
 
     Every ``--scion-lr-*`` defaults to ``--lr``; gains follow the hidden lr and radius. The
     hidden group's min lr keeps the ``--min-lr``/``--lr`` ratio (so does every group).

@@ -8,10 +8,9 @@ the same function gives the row index sets the reference ``Scion`` takes as ``ro
 (:func:`reference_row_splits`), so the distributed step and the reference cannot disagree on
 what a matrix is.
 
-Groups: :func:`param_group` gives the norm-statistics group (embedding, attention, mlp,
-output, gains; every 1-D tensor — norm gains and biases — is in "gains"). :func:`lr_group`
-folds attention and mlp into "hidden" for per-group learning rates and radii; gains use the
-hidden lr / radius unless configured separately (see ``ScionConfig``).
+A parameter's role, norm group, lr group, TP dim and GLU halves come from the naming table
+(:mod:`disco_megatron.models.naming`); gains use the hidden lr / radius unless configured
+separately (see ``ScionConfig``).
 """
 from __future__ import annotations
 
@@ -20,12 +19,9 @@ from typing import Protocol
 
 import torch
 
-from disco_megatron.models.sharding import canonical_name, is_glu_fc1, tp_partition_dim
-
-PARAM_GROUPS: tuple[str, ...] = ("embedding", "attention", "mlp", "output", "gains")
-LR_GROUPS: tuple[str, ...] = ("embedding", "hidden", "output", "gains")
-QKV_SPLITS: tuple[str, ...] = ("fused", "qkv", "head")
-OUTPUT_LMOS: tuple[str, ...] = ("rownorm", "sign")
+from disco_megatron.models.naming import LR_GROUPS, param_group  # noqa: F401 (the optimizer imports them from here)
+from disco_megatron.models.naming import canonical_name, lr_group, param_rule, qkv_group_layout
+from disco_megatron.scion_options import DEFAULTS, check_option
 
 # LMOs whose result on a row block only needs that block (concatenation along dim 0 is exact),
 # and those that only need a column block (concatenation along dim 1).
@@ -42,31 +38,6 @@ class ModelShape(Protocol):
     kv_channels: int | None
     ffn_hidden_size: int | None
     gated_linear_unit: bool
-
-
-def param_group(name: str) -> str:
-    """Norm-statistics group of a megatron-core GPT parameter name (local or TE spec)."""
-    name = canonical_name(name)
-    leaf = name.rsplit(".", 1)[-1]
-    if "layer_norm" in leaf or "layernorm" in name or leaf == "bias":
-        return "gains"
-    if "word_embeddings." in name or "position_embeddings." in name:
-        return "embedding"
-    if name.startswith("output_layer."):
-        return "output"
-    if ".self_attention." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    raise ValueError(
-        f"unknown parameter {name!r}: expected a megatron-core GPT parameter (embedding, "
-        "decoder.layers.N.self_attention/mlp, layer norms, output_layer)"
-    )
-
-
-def lr_group(group: str) -> str:
-    """Learning-rate / radius group of a norm group: attention and mlp share "hidden"."""
-    return "hidden" if group in ("attention", "mlp") else group
 
 
 @dataclass(frozen=True)
@@ -116,18 +87,6 @@ def needs_whole(matrix: LogicalMatrix, lmo: str) -> bool:
     return True
 
 
-def _role(name: str, ndim: int) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    if ndim == 1:
-        return "gain" if ("layer_norm" in leaf or "layernorm" in name) else "bias"
-    for part, role in (("word_embeddings.", "embedding"), ("position_embeddings.", "position_embedding"),
-                       ("output_layer.", "output"), ("linear_qkv.", "qkv"), ("linear_proj.", "proj"),
-                       ("linear_fc1.", "fc1"), ("linear_fc2.", "fc2")):
-        if part in name:
-            return role
-    raise ValueError(f"unknown 2-D parameter {name!r}: not a megatron-core GPT weight")
-
-
 def _lmo(role: str, output_lmo: str, shared_embedding: bool) -> str:
     if role in ("gain", "bias"):
         return "bias_rms"
@@ -155,26 +114,23 @@ def _qkv_row_blocks(cfg: ModelShape, tp_size: int, tp_rank: int, qkv_split: str
     """(suffix, local row ranges, full rows, local?) of each logical matrix of a QKV shard."""
     q_per_group, kv, local_groups = _qkv_dims(cfg, tp_size)
     groups = local_groups * tp_size
-    group_rows = (q_per_group + 2) * kv
+    parts = qkv_group_layout(q_per_group, kv)
+    group_rows = parts[-1][2]
     if qkv_split == "fused":
         return [("", [(0, local_groups * group_rows)], groups * group_rows, tp_size == 1)]
     if qkv_split == "qkv":
-        spans = {"q": (0, q_per_group * kv), "k": (q_per_group * kv, (q_per_group + 1) * kv),
-                 "v": ((q_per_group + 1) * kv, group_rows)}
         return [
             (part, [(g * group_rows + a, g * group_rows + b) for g in range(local_groups)],
              groups * (b - a), tp_size == 1)
-            for part, (a, b) in spans.items()
+            for part, a, b in parts
         ]
     blocks = []
     for g in range(local_groups):
-        global_group = tp_rank * local_groups + g
-        base = g * group_rows
-        for h in range(q_per_group):
-            start = base + h * kv
-            blocks.append((f"q{global_group * q_per_group + h}", [(start, start + kv)], kv, True))
-        blocks.append((f"k{global_group}", [(base + q_per_group * kv, base + (q_per_group + 1) * kv)], kv, True))
-        blocks.append((f"v{global_group}", [(base + (q_per_group + 1) * kv, base + group_rows)], kv, True))
+        global_group, base = tp_rank * local_groups + g, g * group_rows
+        for part, a, b in parts:
+            heads = (b - a) // kv
+            blocks += [(f"{part}{global_group * heads + h}", [(base + a + h * kv, base + a + (h + 1) * kv)], kv, True)
+                       for h in range(heads)]
     return blocks
 
 
@@ -185,8 +141,8 @@ def build_layout(
     *,
     tp_size: int = 1,
     tp_rank: int = 0,
-    qkv_split: str = "fused",
-    output_lmo: str = "rownorm",
+    qkv_split: str = DEFAULTS.qkv_split,
+    output_lmo: str = DEFAULTS.output_lmo,
     shared_embedding: bool = False,
 ) -> ParamLayout:
     """Layout of the local shard of parameter ``name`` (shape ``local_shape``) on ``tp_rank``.
@@ -194,18 +150,18 @@ def build_layout(
     ``shared_embedding``: the last stage's ``output_layer.weight`` tied to the embedding
     (megatron's ``param.shared_embedding``) gets the embedding's LMO so both copies stay equal.
     """
-    if qkv_split not in QKV_SPLITS:
-        raise ValueError(f"unknown --scion-qkv-split {qkv_split!r}; choose one of {', '.join(QKV_SPLITS)}")
-    if output_lmo not in OUTPUT_LMOS:
-        raise ValueError(f"unknown --scion-output-lmo {output_lmo!r}; choose one of {', '.join(OUTPUT_LMOS)}")
+    check_option("qkv_split", qkv_split)
+    check_option("output_lmo", output_lmo)
     name = canonical_name(name)
     local_shape = tuple(int(s) for s in local_shape)
     if len(local_shape) not in (1, 2):
         raise ValueError(f"{name}: Scion handles 1-D and 2-D parameters, got shape {local_shape}")
-    role = _role(name, len(local_shape))
-    group = param_group(name)
+    rule = param_rule(name)
+    role, pdim = rule.role, rule.tp_dim
+    if (role in ("gain", "bias")) != (len(local_shape) == 1):
+        raise ValueError(f"{name}: a {role} parameter of shape {local_shape}; expected "
+                         f"{'1-D' if role in ('gain', 'bias') else '2-D'}")
     lmo = _lmo(role, output_lmo, shared_embedding)
-    pdim = tp_partition_dim(name)
     whole = tp_size == 1 or pdim is None
     full_shape = list(local_shape)
     if pdim is not None:
@@ -219,12 +175,12 @@ def build_layout(
 
     if role == "qkv":
         q_per_group, kv, local_groups = _qkv_dims(model_cfg, tp_size)
-        expected = local_groups * (q_per_group + 2) * kv
+        expected = local_groups * qkv_group_layout(q_per_group, kv)[-1][2]
         if rows != expected:
             raise ValueError(f"{name}: {rows} local rows, expected {expected} from the model config")
         blocks = _qkv_row_blocks(model_cfg, tp_size, tp_rank, qkv_split)
         matrices = tuple(matrix(s, r, m, local) for s, r, m, local in blocks)
-    elif role == "fc1" and is_glu_fc1(name, model_cfg.gated_linear_unit):
+    elif rule.glu and role == "fc1" and model_cfg.gated_linear_unit:
         if rows % 2:
             raise ValueError(f"{name}: gated linear_fc1 needs an even number of rows, got {rows}")
         half = rows // 2
@@ -233,7 +189,7 @@ def build_layout(
     else:
         full_rows = rows * tp_size if pdim == 0 else rows
         matrices = (matrix("", [(0, rows)], full_rows, whole),)
-    return ParamLayout(name=name, role=role, group=group, lmo=lmo, partition_dim=pdim,
+    return ParamLayout(name=name, role=role, group=rule.group, lmo=lmo, partition_dim=pdim,
                        local_shape=local_shape, matrices=matrices)
 
 

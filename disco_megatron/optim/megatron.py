@@ -30,7 +30,7 @@ from megatron.core.utils import get_attr_wrapped_model, log_single_rank
 
 from disco_megatron.models.fp8 import is_quantized, master_weight
 from disco_megatron.optim.config import ScionConfig, scion_config_from_flags
-from disco_megatron.optim.distributed import DistributedScion, StageGroups
+from disco_megatron.optim.distributed import DistributedScion, StageGroups, StepResult
 from disco_megatron.optim.layout import LR_GROUPS, ParamLayout, build_layout
 
 __all__ = ["ScionOptimizer", "ScionConfig", "get_scion_optimizer", "scion_config_from_flags"]
@@ -91,6 +91,7 @@ class ScionOptimizer(MegatronOptimizer):
         self.is_stub_optimizer = False
         self.grad_stats_parallel_group = groups.world
         self._scale_one = torch.ones(1)
+        self._last_step: Optional[StepResult] = None
 
     @staticmethod
     def _master_of(param: torch.nn.Parameter) -> torch.Tensor:
@@ -117,29 +118,36 @@ class ScionOptimizer(MegatronOptimizer):
         return list(zip(self.model_params, self.main_params))
 
     @torch.no_grad()
+    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+        """megatron's template: prepare_grads -> (Scion never clips) -> step_with_ready_grads.
+
+        ``success`` is False when a non-finite grad anywhere made every rank skip the step.
+        """
+        self.prepare_grads()
+        num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
+        if not self.step_with_ready_grads():
+            log_single_rank(logger, logging.WARNING, "Scion: non-finite gradient, step skipped on every rank")
+            return False, None, None
+        return True, self._last_step.grad_norm, num_zeros
+
+    @torch.no_grad()
     def prepare_grads(self) -> bool:
-        """Hand main_grad to the fp32 params and check all grads; True if any is non-finite."""
+        """Hand megatron's main_grad (else .grad) to the fp32 params. Returns False (no inf found
+        yet): the Scion step checks finiteness itself, with its grad norm, in one all-reduce."""
         for param, main in self._pairs():
             grad = getattr(param, "main_grad", None)
             grad = param.grad if grad is None else grad
             main.grad = grad if grad is None or main is param else grad.float()
-        ok, _ = self.optimizer.check_grads()
-        return not ok
+        return False
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
-        self.optimizer.apply_step()
-        self._copy_main_to_model()
-        return True
-
-    @torch.no_grad()
-    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
-        """One Scion step; a non-finite grad anywhere skips it on every rank (success False)."""
-        if self.prepare_grads():
-            log_single_rank(logger, logging.WARNING, "Scion: non-finite gradient, step skipped")
-            return False, None, None
-        num_zeros = self.count_zeros() if self.config.log_num_zeros_in_grad else None
-        return self.step_with_ready_grads(), self.optimizer.last_grad_norm, num_zeros
+        """The one Scion step (check grads -> momentum -> exchange -> update), then the model
+        params refreshed from the fp32 ones; False if it was skipped."""
+        self._last_step = self.optimizer.step()
+        if self._last_step.stepped:
+            self._copy_main_to_model()
+        return self._last_step.stepped
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         _zero_grad_group_helper(self.model_params, set_to_none)
@@ -166,13 +174,13 @@ class ScionOptimizer(MegatronOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Momentum (and fp32 masters of bf16 params) for a same-layout torch checkpoint."""
-        return {"format": STATE_FORMAT, "fingerprint": self.optimizer.dualizer.fingerprint,
+        return {"format": STATE_FORMAT, "fingerprint": self.optimizer.plan.fingerprint,
                 "optimizer": self.optimizer.state_dict(),
                 "main_params": {i: m for i, (p, m) in enumerate(self._pairs()) if m is not p}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _check_format(state_dict)
-        if "fingerprint" in state_dict and state_dict["fingerprint"] != self.optimizer.dualizer.fingerprint:
+        if "fingerprint" in state_dict and state_dict["fingerprint"] != self.optimizer.plan.fingerprint:
             raise ValueError(
                 "Scion optimizer state was saved under another parallel layout or --scion-* "
                 "setting; load it through a distributed checkpoint (--ckpt-format torch_dist), "

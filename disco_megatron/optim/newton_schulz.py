@@ -1,6 +1,6 @@
 """Polar factor U Vᵀ of a matrix (or a stack of same-shape matrices).
 
-The spectral LMO needs polar(G) = U Vᵀ for G = U Σ Vᵀ. Three backends:
+The spectral LMO needs polar(G) = U Vᵀ for G = U Σ Vᵀ. Three backends (``--scion-ns-backend``):
 
 - ``"ns5"``: quintic Newton–Schulz with the fixed (a, b, c) = (3.4445, −4.7750, 2.0315) of
   Muon. It does not converge to U Vᵀ: it pushes every singular value into a band around 1
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-BACKENDS: tuple[str, ...] = ("ns5", "polar_express", "svd")
+from disco_megatron.scion_options import check_option
 
 NS5_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
@@ -98,15 +98,11 @@ def orthogonalize(
     fp64 input); the SVD backend always computes in at least fp32. ``steps`` is ignored by
     ``"svd"``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown Newton–Schulz backend {backend!r} (--scion-ns-backend); "
-            f"choose one of {', '.join(BACKENDS)}"
-        )
+    check_option("ns_backend", backend)
     if G.ndim < 2:
         raise ValueError(f"orthogonalize needs a matrix [..., m, n], got shape {tuple(G.shape)}")
-    if backend != "svd" and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"Newton–Schulz steps must be a positive integer, got {steps!r}")
+    if backend != "svd":
+        check_option("ns_steps", steps)
     compute_dtype = dtype if dtype is not None else _default_dtype(G)
     if backend == "svd":
         out = _svd_polar(G, compute_dtype)

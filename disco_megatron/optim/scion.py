@@ -14,6 +14,7 @@ fp64 parameters).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,17 +22,12 @@ import torch
 from torch import Tensor
 
 from disco_megatron.optim.lmo import LMO_PARAM_NDIM, check_lmo_name, dualize_many
-from disco_megatron.optim.newton_schulz import BACKENDS
+from disco_megatron.scion_options import DEFAULTS, GROUP_DEFAULTS, check_option
 
+# A group's LMO and Newton–Schulz settings travel in the group here (the distributed optimizer
+# takes them from each parameter's layout and its own options instead).
 SCION_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "momentum": 0.1,
-    "radius": 1.0,
-    "lmo": "spectral",
-    "constrained": False,
-    "weight_decay": 0.0,
-    "ns_backend": "ns5",
-    "ns_steps": 5,
+    **GROUP_DEFAULTS, "lmo": "spectral", "ns_backend": DEFAULTS.ns_backend, "ns_steps": DEFAULTS.ns_steps,
 }
 
 
@@ -61,24 +57,11 @@ def _momentum_dtype(p: Tensor) -> torch.dtype:
 def _check_group(group: Mapping[str, Any]) -> None:
     """Reject bad hyper-parameters at construction instead of mid-training."""
     check_lmo_name(group["lmo"])
-    if group["lr"] < 0.0:
-        raise ValueError(f"Scion lr must be >= 0, got {group['lr']}")
-    if not 0.0 < group["momentum"] <= 1.0:
-        raise ValueError(
-            f"Scion momentum (--scion-momentum) is the weight of the new gradient and must be "
-            f"in (0, 1], got {group['momentum']} (use 0.1 for a classical momentum of 0.9)"
-        )
-    if group["radius"] < 0.0:
-        raise ValueError(f"Scion radius must be >= 0, got {group['radius']}")
-    if group["weight_decay"] < 0.0:
-        raise ValueError(f"Scion weight_decay must be >= 0, got {group['weight_decay']}")
-    if group["ns_backend"] not in BACKENDS:
-        raise ValueError(
-            f"unknown Newton–Schulz backend {group['ns_backend']!r} (--scion-ns-backend); "
-            f"choose one of {', '.join(BACKENDS)}"
-        )
-    if not isinstance(group["ns_steps"], int) or group["ns_steps"] < 1:
-        raise ValueError(f"Scion ns_steps must be a positive integer, got {group['ns_steps']!r}")
+    for key in ("lr", "radius"):
+        if not 0.0 <= group[key] < math.inf:
+            raise ValueError(f"Scion {key} must be >= 0 and finite, got {group[key]}")
+    for option in ("momentum", "weight_decay", "ns_backend", "ns_steps"):
+        check_option(option, group[option])
     ndim = LMO_PARAM_NDIM[group["lmo"]]
     for p in group["params"]:
         if p.ndim != ndim:

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import datetime
+import gc
+import glob
 import os
 import random
+import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,19 +48,32 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_process_group(timeout_s: float = 300.0) -> None:
-    """Init torch.distributed from torchrun's env vars (a 1-process group when launched plainly)."""
+def init_process_group(timeout_s: float = 300.0, *, backend: Optional[str] = None,
+                       store: Optional[torch.distributed.Store] = None, rank: Optional[int] = None,
+                       world_size: Optional[int] = None) -> None:
+    """Init torch.distributed (gloo on CPU, nccl on GPU): from torchrun's env vars, or from an
+    explicit ``store``/``rank``/``world_size`` (a 1-process group when launched plainly).
+
+    Imports megatron-core first: ``torch.distributed.fsdp`` (which megatron-core imports) binds
+    ``dist.group.WORLD`` as a default argument at import time, so importing it after the default
+    group exists pins that group, and its gloo threads, for the life of the process; see
+    :func:`destroy_parallel`.
+    """
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    if torch.cuda.is_available():
+    import megatron.core.parallel_state  # noqa: F401  (before the default group exists; see above)
+
+    if store is None:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    backend = backend or default_backend()
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(
-        backend=default_backend(), timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                         store=store, rank=-1 if rank is None else rank,
+                                         world_size=-1 if world_size is None else world_size)
 
 
 def set_seeds(seed: int, tp_rank: int, pp_rank: int) -> None:
@@ -108,11 +125,78 @@ def current_parallel_info() -> ParallelInfo:
     )
 
 
-def destroy_parallel() -> None:
-    """Tear down parallel_state and the process group (safe to call twice)."""
-    from megatron.core import parallel_state as ps
+def destroy_parallel(*, synchronize: bool = True) -> None:
+    """Orderly teardown of megatron's parallel state and every process group (safe to call twice).
 
+    Why it must be orderly: a gloo process group owns C++ threads (one ``gloo_tcp_loop`` device
+    loop and two ``pt_gloo_runloop`` workers) that are joined only when the group object is freed,
+    and ``destroy_process_group`` does not free it while Python still references it. A worker
+    that drops the last reference to a finished collective's tensors after interpreter shutdown
+    has begun must take the GIL; the finalising interpreter ends that thread, and the forced unwind
+    through a ``noexcept`` destructor calls ``std::terminate`` ("terminate called without an
+    active exception", SIGABRT) after all the work had succeeded. So: wait for every rank
+    (``synchronize``; skip it on an error path, where a peer may never arrive), drop every
+    reference megatron-core keeps (:func:`_release_megatron_state`), destroy the groups, and
+    collect, so each group's destructor joins its threads while the interpreter is whole.
+    """
+    dist = torch.distributed
+    if synchronize and dist.is_initialized():
+        dist.barrier()
+    _release_megatron_state()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def _release_megatron_state() -> None:
+    """Drop the process groups and models megatron-core's module state still references.
+
+    ``destroy_model_parallel`` (megatron-core 0.16.1) leaves some group globals set
+    (``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP[_GLOO]``, ``_HYBRID_DP_CP_GROUPS``,
+    ``_HIERARCHICAL_CONTEXT_PARALLEL_GROUPS``): every module global of ``parallel_state`` that
+    still holds a group afterwards is reset. RoPE's ``forward`` is an ``lru_cache`` keyed on
+    ``self``, which keeps every model built in the process (and the ``cp_group`` it holds) alive.
+    Only modules already imported are touched.
+    """
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is None:
+        return
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    for name, value in list(vars(ps).items()):
+        if name.startswith("_") and _holds_process_group(value):
+            setattr(ps, name, type(value)() if isinstance(value, (dict, list)) else None)
+    for module_name in ("megatron.core.models.common.embeddings.rotary_pos_embedding",
+                        "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding"):
+        module = sys.modules.get(module_name)
+        for cls in vars(module).values() if module is not None else ():
+            cached = getattr(getattr(cls, "forward", None), "cache_clear", None)
+            if isinstance(cls, type) and cached is not None:
+                cached()
+
+
+def _holds_process_group(value: object) -> bool:
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(v, torch.distributed.ProcessGroup) or
+               (isinstance(v, (dict, list, tuple)) and _holds_process_group(v)) for v in values)
+
+
+# Thread names of a gloo process group (ProcessGroupGloo workers, gloo's TCP device loop).
+GLOO_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+def live_gloo_threads() -> list[str]:
+    """Names of this process's gloo threads still running (Linux; elsewhere always empty).
+
+    After :func:`destroy_parallel` this is empty unless something still references a group.
+    """
+    names = []
+    for comm in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(comm) as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if name in GLOO_THREAD_NAMES:
+            names.append(name)
+    return sorted(names)

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from disco_megatron.training import launch
+from disco_megatron import launcher
 
 OPTIMIZERS = ("scion", "adam")
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convergence.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s [options] [-- extra disco-pretrain flags for every run]")
-    floats = launch.comma_list(float)
+    floats = launcher.comma_list(float)
     parser.add_argument("--scion-lrs", type=floats, default=[0.005, 0.01, 0.02, 0.04],
                         help="Scion peak lrs (default: 0.005,0.01,0.02,0.04)")
     parser.add_argument("--adam-lrs", type=floats, default=[1e-3, 3e-3, 6e-3, 1e-2],
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="running mean over this many logged train losses for the train-curve ratio (default: 3)")
     parser.add_argument("--target-ratio", type=float, default=0.8,
                         help="the ratio Scion should meet (reported, not enforced; default: 0.8)")
-    launch.add_launch_flags(parser)
+    launcher.add_launch_flags(parser)
     parser.add_argument("--out", default="runs/convergence", help="directory of the runs (default: runs/convergence)")
     parser.add_argument("--results", default="benchmarks/results/convergence.json",
                         help="JSON results (default: benchmarks/results/convergence.json)")
@@ -107,7 +107,7 @@ def train_args(args: argparse.Namespace, optimizer: str, lr: float, extra: Seque
              "--eval-iters", args.eval_iters]
     if optimizer == "adam":
         flags += ["--weight-decay", args.adam_weight_decay]
-    schedule = launch.schedule_flags(lr, args.train_iters, args.lr_decay_style, args.min_lr_ratio,
+    schedule = launcher.schedule_flags(lr, args.train_iters, args.lr_decay_style, args.min_lr_ratio,
                                      args.warmup_fraction)
     return [*(str(x) for x in flags), *schedule, *extra]
 
@@ -141,11 +141,11 @@ def run_all(args: argparse.Namespace, extra: Sequence[str]) -> list[dict]:
     points = grid(args)
     for index, (optimizer, lr) in enumerate(points, start=1):
         run_dir = os.path.join(args.out, run_name(optimizer, lr))
-        result = launch.run_training(run_dir, train_args(args, optimizer, lr, extra), args.nproc,
-                                     timeout=args.run_timeout, prefix=f"[{run_name(optimizer, lr)}] ")
-        if not result.ok and not launch.diverged(run_dir):
+        result = launcher.run_training(run_dir, train_args(args, optimizer, lr, extra), args.nproc,
+                                       timeout=args.run_timeout, prefix=f"[{run_name(optimizer, lr)}] ")
+        if not result.ok and not launcher.diverged(run_dir):
             raise BenchmarkError(f"run {run_dir} failed (exit {result.returncode}), not by divergence:\n"
-                                 f"{launch.log_tail(run_dir)}fix the flags, remove {run_dir} and run again")
+                                 f"{launcher.log_tail(run_dir)}fix the flags, remove {run_dir} and run again")
         status = "reused" if result.reused else f"{result.seconds:.0f} s"
         print(f"convergence: {index}/{len(points)} {run_name(optimizer, lr)}: "
               f"{'ok' if result.ok else 'diverged'} ({status})", flush=True)
@@ -158,14 +158,14 @@ def summarize(args: argparse.Namespace, runs: list[dict]) -> dict:
     """Best lr per optimizer, final losses, and the tokens ratio (valid and train curves)."""
     for run in runs:
         ok = run["returncode"] == 0
-        run["valid_curve"] = launch.valid_curve(run["run_dir"]) if ok else []
-        run["train_curve"] = launch.train_curve(run["run_dir"]) if ok else []
+        run["valid_curve"] = launcher.valid_curve(run["run_dir"]) if ok else []
+        run["train_curve"] = launcher.train_curve(run["run_dir"]) if ok else []
         run["final_valid_loss"] = run["valid_curve"][-1][1] if run["valid_curve"] else math.nan
         run["final_train_loss"] = run["train_curve"][-1][1] if run["train_curve"] else math.nan
     best = {}
     for optimizer in OPTIMIZERS:
         mine = [r for r in runs if r["optimizer"] == optimizer]
-        index = launch.lowest({i: r["final_valid_loss"] for i, r in enumerate(mine)})
+        index = launcher.lowest({i: r["final_valid_loss"] for i, r in enumerate(mine)})
         if index is None:
             raise BenchmarkError(f"every {optimizer} run diverged or has no validation loss; "
                                  f"lower --{optimizer}-lrs")
@@ -283,15 +283,15 @@ def table(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    own, extra = launch.split_passthrough(sys.argv[1:] if argv is None else argv)
+    own, extra = launcher.split_passthrough(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
     try:
         validate(args)
         if args.dry_run:
             for optimizer, lr in grid(args):
                 run_dir = os.path.join(args.out, run_name(optimizer, lr))
-                command = launch.torchrun_command(launch.run_args(train_args(args, optimizer, lr, extra), run_dir),
-                                                  args.nproc)
+                command = launcher.torchrun_command(
+                    launcher.run_args(train_args(args, optimizer, lr, extra), run_dir), args.nproc)
                 print("OMP_NUM_THREADS=1 " + shlex.join(command))
             return 0
         os.makedirs(args.out, exist_ok=True)
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(summary, args, args.plot)
         print(table(summary))
         print(f"wrote {args.results} and {args.plot}")
-    except (BenchmarkError, launch.LaunchError) as exc:
+    except (BenchmarkError, launcher.LaunchError) as exc:
         print(f"convergence.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -3,7 +3,7 @@ and Newton–Schulz backend time by matrix size.
 
 1. Two gloo processes (TP2, one thread each) build a real megatron-core GPTModel (local spec)
    in megatron DDP as the pretraining loop wraps it, and three optimizers on it exactly as
-   ``disco-pretrain`` does (``training.optimizers.build_optimizer``): Scion
+   ``disco-pretrain`` does (``builders.build_optimizer``): Scion
    ``--scion-tp-mode owner``, Scion ``duplicated``, and megatron-core's Adam
    (``get_megatron_optimizer``). Each repeat times, between barriers (so a time is the slowest
    rank's): one forward/backward through megatron's schedule (``get_forward_backward_func``,
@@ -46,7 +46,7 @@ BATCH = RunConfig()  # micro/global batch size of a disco-pretrain training step
 
 def _build_optimizers(cfg, ddp, names: tuple[str, ...]) -> dict:
     """The optimizers ``names`` (of ``OPTIMIZERS``) as the pretraining loop builds them for ``--optimizer``."""
-    from disco_megatron.training.optimizers import build_optimizer
+    from disco_megatron.builders import build_optimizer
 
     run_configs = {"scion_owner": RunConfig(model=cfg, scion=ScionFlags(tp_mode="owner")),
                    "scion_duplicated": RunConfig(model=cfg, scion=ScionFlags(tp_mode="duplicated")),
@@ -60,7 +60,7 @@ def _forward_backward(cfg, ddp):
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from disco_megatron.training.loop import make_forward_step
+    from disco_megatron.training.step import make_forward_step
 
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH.micro_batch_size, cfg.seq_length + 1), generator=gen)
@@ -82,12 +82,11 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from disco_megatron.models import build_gpt_model
+    from disco_megatron.builders import group_lrs
+    from disco_megatron.models import build_gpt_model, wrap_ddp
     from disco_megatron.models.sharding import global_param_name
     from disco_megatron.norms import NormTracker
     from disco_megatron.runtime import destroy_parallel, initialize_parallel
-    from disco_megatron.training.loop import wrap_ddp
-    from disco_megatron.training.optimizers import group_lrs
 
     def timed(fn) -> float:
         dist.barrier()
@@ -100,7 +99,7 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
     try:
         cfg = preset(preset_name)
         model = build_gpt_model(cfg)
-        ddp = wrap_ddp(model, RunConfig(model=cfg))
+        ddp = wrap_ddp(model)
         forward_backward = _forward_backward(cfg, ddp)
         forward_backward()
         opts = _build_optimizers(cfg, ddp, names)

@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from disco_megatron import scion_options
 from disco_megatron.scion_options import ScionFlags
@@ -33,6 +33,54 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1
 
 class ConfigError(ValueError):
     """Invalid flags; the message names the flag and the fix."""
+
+
+def validate_world(world_size: int, tp: int, pp: int) -> int:
+    """Return DP size, or raise a message naming the flags when the world cannot be split."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(
+            f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1"
+        )
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes "
+            "(torchrun --nproc-per-node) or change the sizes"
+        )
+    return world_size // (tp * pp)
+
+
+class _Entry:
+    """One thing a run directory holds: ``RunDir.norms.name`` is its name, ``RunDir(path).norms`` its path."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run_dir: Optional["RunDir"], owner: type) -> Any:
+        return self if run_dir is None else os.path.join(run_dir.path, self.name)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One ``--run-dir`` and the names of what it holds, written here only.
+
+    The trainer writes the first five, ``disco_megatron.launcher`` the launch record and log;
+    the converter, the sweeps, the benchmarks and the tools find them through this type.
+    """
+
+    path: str
+    checkpoints = _Entry("checkpoints")  # the default --save
+    tensorboard = _Entry("tensorboard")  # the default --tensorboard-dir
+    train_log = _Entry("train_log.jsonl")
+    norms = _Entry("norms.jsonl")
+    run_config = _Entry("run_config.json")
+    launch_record = _Entry("launch.json")
+    launch_log = _Entry("launch.log")
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        """Every name a run directory may hold (anything else there is not a run's)."""
+        return frozenset(e.name for e in vars(cls).values() if isinstance(e, _Entry))
 
 
 @dataclass
@@ -151,13 +199,20 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """The inverse of :meth:`to_dict` (a run's ``run_config.json``); TypeError on unknown fields."""
+        return cls(**{**data, "model": ModelConfig(**data["model"]), "scion": ScionFlags(**data["scion"])})
+
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
 
     def validate(self, world_size: int) -> int:
-        """Check the flags against the world; return DP size."""
-        from disco_megatron.runtime.parallel import validate_world
+        """Check the flags against the world and the paths they name for existence; return DP size.
 
+        The contents of ``--data-path`` and of ``--load`` are checked by the entry point
+        (``disco_megatron.train``), which knows the dataset and checkpoint formats.
+        """
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         dp = validate_world(world_size, tp, pp)
         self.model.validate(tp, pp)
@@ -191,25 +246,9 @@ class RunConfig:
                 raise ConfigError(f"{flag} {path}: no such file or directory")
         if self.load is not None and not os.path.isdir(self.load):
             raise ConfigError(f"--load {self.load}: not a directory; pass a checkpoint directory (a run's --save)")
-        self._validate_ckpt_step()
-        if self.data_path is not None:
-            from disco_megatron.data.indexed import require_indexed_dataset
-
-            require_indexed_dataset(self.data_path)
-        return dp
-
-    def _validate_ckpt_step(self) -> None:
-        """``--ckpt-step`` must name a saved iteration of ``--load`` (listed in the message when not)."""
-        if self.ckpt_step is None:
-            return
-        if self.load is None:
+        if self.ckpt_step is not None and self.load is None:
             raise ConfigError(f"--ckpt-step {self.ckpt_step} needs --load (the checkpoint directory to load from)")
-        from disco_megatron.training.checkpointing import checkpoint_dir, saved_iterations
-
-        if not os.path.isdir(checkpoint_dir(self.load, self.ckpt_step)):
-            saved = ", ".join(map(str, saved_iterations(self.load))) or "none"
-            raise ConfigError(f"--ckpt-step {self.ckpt_step}: {checkpoint_dir(self.load, self.ckpt_step)} does not "
-                              f"exist (saved iterations in --load {self.load}: {saved})")
+        return dp
 
 
 MODEL_FLAGS = {
@@ -345,6 +384,6 @@ def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     run_values = {k: v for k, v in values.items() if "." not in k and k in RunConfig.__dataclass_fields__}
     cfg = RunConfig(model=model, scion=scion, **run_values)
     if cfg.run_dir:
-        cfg.save = cfg.save or os.path.join(cfg.run_dir, "checkpoints")
-        cfg.tensorboard_dir = cfg.tensorboard_dir or os.path.join(cfg.run_dir, "tensorboard")
+        cfg.save = cfg.save or RunDir(cfg.run_dir).checkpoints
+        cfg.tensorboard_dir = cfg.tensorboard_dir or RunDir(cfg.run_dir).tensorboard
     return cfg

@@ -9,7 +9,10 @@ import datetime
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from disco_megatron.config import RunConfig
 
 # How long a failing rank waits for the other ranks to report theirs before it exits.
 PEER_REPORT_WAIT_S = 20.0
@@ -49,17 +52,36 @@ def _fail(message: str) -> int:
     return 2
 
 
+def check_files(cfg: "RunConfig") -> None:
+    """What ``RunConfig.validate`` cannot judge without the formats: the indexed dataset of
+    ``--data-path`` and the ``--ckpt-step`` iteration of ``--load``."""
+    if cfg.data_path is not None:
+        from disco_megatron.data.indexed import require_indexed_dataset
+
+        require_indexed_dataset(cfg.data_path)
+    if cfg.ckpt_step is not None:
+        from disco_megatron.checkpoint.storage import require_saved_iteration
+
+        require_saved_iteration(cfg.load, cfg.ckpt_step)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from disco_megatron.config import ConfigError, parse_run_config
 
-    try:  # before megatron's slow import: bad flags and sizes are reported at once
+    try:  # before torch loads: bad flags and sizes are reported at once
         cfg = parse_run_config(argv)
         dp = cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
+    from disco_megatron.checkpoint import CheckpointError
+
+    try:  # before the process group and the model: the files the flags name
+        check_files(cfg)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
     from disco_megatron.runtime import destroy_parallel
-    from disco_megatron.training.checkpointing import CheckpointError
-    from disco_megatron.training.loop import TrainingError, pretrain
+    from disco_megatron.training import TrainingError
+    from disco_megatron.training.loop import pretrain
 
     try:
         pretrain(cfg, dp)

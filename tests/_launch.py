@@ -5,7 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from disco_megatron.training.launch import read_train_log, torchrun_command
+from disco_megatron.launcher import read_train_log, torchrun_command
 
 TINY_MODEL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
               "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "32",

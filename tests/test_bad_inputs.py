@@ -116,12 +116,12 @@ PARSE_CASES = {
 def test_flag_is_rejected_before_any_work(case, tmp_path, embedded_data, monkeypatch, capsys):
     """``main`` returns 2 with one line naming the flag/file; it never reaches process-group init."""
     from disco_megatron import train
-    from disco_megatron.training import loop
+    from disco_megatron.training import setup
 
     def reached_init(*args, **kwargs):
         raise AssertionError(f"{case}: validation accepted the flags")
 
-    monkeypatch.setattr(loop, "initialize_parallel", reached_init)
+    monkeypatch.setattr(setup, "initialize_parallel", reached_init)
     monkeypatch.setenv("WORLD_SIZE", WORLD)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     argv, needles = PARSE_CASES[case](tmp_path, embedded_data)

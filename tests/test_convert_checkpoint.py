@@ -101,7 +101,7 @@ def test_to_hf_logits_equal_megatron(scion_run, hf_dir, embedded_data):
 
 def test_from_hf_to_hf_round_trip_is_bit_identical(hf_dir, tmp_path, capsys):
     from disco_megatron.config import parse_run_config
-    from disco_megatron.training.checkpointing import check_compatible, read_common_state
+    from disco_megatron.checkpoint.storage import check_compatible, read_common_state
 
     save, back = tmp_path / "save", tmp_path / "back"
     (save / "stale").mkdir(parents=True)
@@ -177,17 +177,12 @@ def _plain_checkpoint(ckpt_dir: Path) -> tuple[dict, dict]:
     return tensors, {k: v for k, v in plain.items() if k not in tensors and k != "rng_state"}
 
 
-@pytest.mark.parametrize("optimizer,tp,pp,resume", [
-    ("scion", 1, 1, True),
-    ("scion", 4, 1, False),
-    pytest.param("scion", 4, 1, True, marks=pytest.mark.slow),
-    pytest.param("adam", 1, 2, True, marks=pytest.mark.slow),
-])
-def test_reshard_keeps_optimizer_state_and_training_continues(scion_run, tmp_path_factory, optimizer, tp, pp,
-                                                              resume):
-    """Every global tensor (weights and optimizer state) and the common state (iteration, consumed
-    samples, scheduler, param groups) survive TP2xPP2 -> TPxPP unchanged; resumed training then
-    repeats the uninterrupted run's losses (the 4-process TP4 resume is in the slow set)."""
+@pytest.mark.parametrize("optimizer,tp,pp", [("scion", 1, 1), ("scion", 4, 1), ("adam", 1, 2)])
+def test_reshard_keeps_optimizer_state_and_training_continues(scion_run, tmp_path_factory, optimizer, tp, pp):
+    """Every global tensor (weights and optimizer state: Scion momentum, Adam moments) and the common
+    state (iteration, consumed samples, scheduler, param groups) survive TP2xPP2 -> TPxPP unchanged;
+    resumed training then repeats the uninterrupted run's losses to 1e-6 (relative: a float32 loss
+    near 8 is only resolved to 1e-6, and TP1 sums in another order than TP2xPP2)."""
     run = scion_run if optimizer == "scion" else _train(tmp_path_factory.mktemp("adam"), "adam")
     out = tmp_path_factory.mktemp("reshard") / f"tp{tp}pp{pp}"
     assert _convert("reshard", "--load", run / "checkpoints", "--ckpt-step", "2", "--out", out,
@@ -200,15 +195,14 @@ def test_reshard_keeps_optimizer_state_and_training_continues(scion_run, tmp_pat
     assert target_common.pop("parallel") == {"tp": tp, "pp": pp, "dp": 1}
     source_common.pop("parallel")
     assert target_common == source_common
-    if not resume:
-        return
     resumed = tmp_path_factory.mktemp("resumed")
     result = torchrun(tp * pp, _train_args(resumed, optimizer, tp, pp, ["--load", str(out)]))
     assert result.returncode == 0, result.stderr[-3000:]
     expected, again = train_losses(run), train_losses(resumed)
     assert sorted(again) == [3, 4]
     for iteration in (3, 4):
-        assert abs(again[iteration] - expected[iteration]) <= 1e-5, (iteration, again, expected)
+        assert abs(again[iteration] - expected[iteration]) <= 1e-6 * abs(expected[iteration]), \
+            (iteration, again, expected)
 
 
 def _megatron_shard(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:

@@ -357,7 +357,8 @@ def test_layout_maps_every_te_spec_parameter(monkeypatch, normalization: str, bi
                                              stored: list[str]) -> None:
     from types import SimpleNamespace
 
-    from disco_megatron.optim.layout import build_layout, param_group
+    from disco_megatron.models.naming import param_group
+    from disco_megatron.optim.layout import build_layout
 
     modules = _te_modules(_te_spec(monkeypatch, qk_layernorm), "decoder.layers.0.")
     expected_dims = {f"{path}.{leaf}": dim for path, te_class in modules.items()
@@ -393,7 +394,7 @@ def test_layout_maps_every_te_spec_parameter(monkeypatch, normalization: str, bi
 # ---------------------------------------------------------------- GPU: FP8 training end to end
 
 def _have_te() -> bool:
-    from disco_megatron.models.gpt import have_transformer_engine
+    from disco_megatron.models.fp8 import have_transformer_engine
 
     return torch.cuda.is_available() and have_transformer_engine()
 

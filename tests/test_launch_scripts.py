@@ -19,7 +19,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from disco_megatron.training.checkpointing import LATEST_FILE, read_latest_iteration
+from disco_megatron.checkpoint.storage import LATEST_FILE, read_latest_iteration
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "examples" / "slurm" / "pretrain.sbatch"

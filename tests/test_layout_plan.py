@@ -15,7 +15,8 @@ from disco_megatron.models.sharding import (
     shard_full_tensor,
 )
 from _scion_model import CFG, full_shapes
-from disco_megatron.optim.layout import build_layout, needs_whole, param_group, reference_row_splits
+from disco_megatron.models.naming import param_group
+from disco_megatron.optim.layout import build_layout, needs_whole, reference_row_splits
 from disco_megatron.optim.newton_schulz import ns_flops
 from disco_megatron.optim.plan import build_exchange_plan, plan_balance, plan_owners
 from disco_megatron.scion_options import QKV_SPLITS

@@ -90,7 +90,7 @@ def test_parser_gets_every_scion_flag_and_the_scion_choice(capsys) -> None:
 
 
 def test_scion_config_from_megatron_lm_args() -> None:
-    from disco_megatron.integrations.megatron_lm import scion_config_from_args
+    from disco_megatron.optim.config import scion_config_from_args
 
     parser = _scion_parser()
     args = parser.parse_args(["--optimizer", "scion", "--lr", "0.04", "--min-lr", "0.004", "--bf16",

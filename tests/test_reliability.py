@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from disco_megatron.training.launch import torchrun_command
+from disco_megatron.launcher import torchrun_command
+from tests._dist import run_workers
 from tests._launch import TINY_MODEL, read_log, torchrun, train_losses
 from tests.test_bad_inputs import LAUNCHER_FAILED, assert_reported
 
@@ -97,6 +98,48 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
         assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert_same_tensors(saved[2], saved[4])
     assert not torch.equal(saved[4]["output_layer.weight"], saved[6]["output_layer.weight"])
+
+
+def _adam_skip_worker(rank: int, world: int) -> None:
+    """TP2 megatron-core Adam as disco-pretrain builds it, NaN in rank 1's gradient only."""
+    import torch.distributed as dist
+
+    from disco_megatron.builders import build_trainable
+    from disco_megatron.config import ModelConfig, RunConfig
+    from disco_megatron.runtime import initialize_parallel
+
+    initialize_parallel(tp=world, pp=1, seed=3)
+    model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                        ffn_hidden_size=128, seq_length=16, vocab_size=256, make_vocab_size_divisible_by=64)
+    parts = build_trainable(RunConfig(model=model, optimizer="adam", lr=1e-3, tensor_model_parallel_size=world))
+    params = list(parts.model.parameters())
+    for param in params:
+        param.main_grad.fill_(0.01)  # DDP's gradient buffer, as after a backward pass
+    if rank == 1:
+        params[0].main_grad.view(-1)[0] = float("nan")
+    before = [p.detach().clone() for p in params]
+    reductions = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda tensor, *args, **kwargs: reductions.append(tensor.numel()) or all_reduce(
+        tensor, *args, **kwargs)
+    try:
+        outcome = parts.optimizer.step()
+    finally:
+        dist.all_reduce = all_reduce
+    assert outcome == (False, None, None), (rank, outcome)  # on rank 0 too: its own gradients are finite
+    assert reductions == [1], reductions
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not parts.optimizer.optimizer.state
+    if rank == 1:
+        params[0].main_grad.view(-1)[0] = 0.01
+    applied, _, _ = parts.optimizer.step()
+    assert applied and all(not torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_adam_skips_a_non_finite_step_on_every_rank_with_one_reduction():
+    """The loop skips a step on the optimizer's answer alone, so megatron's Adam must answer like
+    Scion: a NaN on one TP rank makes ``step()`` return (False, None, None) on both, after one
+    all-reduce of one element, with weights and moments untouched; finite gradients then step."""
+    run_workers(_adam_skip_worker, 2)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from disco_megatron.norms import JsonlNormWriter
-from disco_megatron.training import launch
+from disco_megatron import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,10 +109,10 @@ def test_sweep_summarizes_finished_runs_without_launching(tmp_path, monkeypatch,
         config = {"lr": lr, "global_batch_size": batch, "model": {"hidden_size": width, "seq_length": 16}}
         train = [(s, s * batch * 16, 6.0 - s / steps) for s in range(1, steps + 1)]
         valid = [] if loss is None else [(steps, loss)]
-        _fake_run(run_dir, launch.run_args(sweep.train_args(args, point, []), str(run_dir)), 2,
+        _fake_run(run_dir, launcher.run_args(sweep.train_args(args, point, []), str(run_dir)), 2,
                   1 if loss is None else 0, config, train, valid, [(steps // 2, 0.5), (steps, _norm(width, lr, batch))],
                   log="non-finite loss" if loss is None else "")
-    monkeypatch.setattr(launch.subprocess, "Popen", _no_launch)
+    monkeypatch.setattr(launcher.subprocess, "Popen", _no_launch)
     assert sweep.main(argv) == 0
     summary = {int(r["hidden_size"]): r for r in csv.DictReader(open(out / "summary.csv"))}
     for width in (64, 32):
@@ -137,8 +137,8 @@ def test_sweep_summarizes_finished_runs_without_launching(tmp_path, monkeypatch,
 def test_reused_run_with_other_flags_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "w64_b8_lr0.01"
     _fake_run(run_dir, ["--lr", "0.5"], 2, 0, {}, [], [], [])
-    with pytest.raises(launch.LaunchError, match="other flags"):
-        launch.run_training(str(run_dir), ["--lr", "0.01"], 2)
+    with pytest.raises(launcher.LaunchError, match="other flags"):
+        launcher.run_training(str(run_dir), ["--lr", "0.01"], 2)
 
 
 @pytest.mark.parametrize("curve, target, expected", [
@@ -169,9 +169,9 @@ def test_convergence_picks_best_lrs_and_ratio_without_launching(tmp_path, monkey
         valid = [] if end is None else [(2 * k, 6.0 - (6.0 - end) * k / 5) for k in range(1, 6)]
         train = [(s, s * 32, 6.0 - (6.0 - (end or 6.0)) * s / 10) for s in range(1, 11)]
         config = {"global_batch_size": 4, "model": {"seq_length": 8}}
-        _fake_run(run_dir, launch.run_args(convergence.train_args(args, optimizer, lr, []), str(run_dir)), 2,
+        _fake_run(run_dir, launcher.run_args(convergence.train_args(args, optimizer, lr, []), str(run_dir)), 2,
                   1 if end is None else 0, config, train, valid, [], log="non-finite" if end is None else "")
-    monkeypatch.setattr(launch.subprocess, "Popen", _no_launch)
+    monkeypatch.setattr(launcher.subprocess, "Popen", _no_launch)
     assert convergence.main(argv) == 0
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["best"]["scion"]["lr"] == 0.02 and result["best"]["adam"]["lr"] == 0.001
@@ -201,7 +201,7 @@ def test_real_tiny_sweep_writes_tables_and_plots_then_reuses(tmp_path, capsys):
     runs = list(csv.DictReader(open(out / "runs.csv")))
     assert [r["iterations"] for r in runs] == ["3", "3"]
     for r in runs:
-        log = launch.read_train_log(str(out / r["run"]))
+        log = launcher.read_train_log(str(out / r["run"]))
         assert [x["iteration"] for x in log if "loss" in x][-1] == 3
         assert float(r["final_valid_loss"]) == pytest.approx([x["valid_loss"] for x in log if "valid_loss" in x][-1])
     capsys.readouterr()

@@ -29,6 +29,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
+from disco_megatron.config import RunDir
 from disco_megatron.models.naming import PARAM_GROUPS, param_group
 from disco_megatron.norms.writers import read_norms_jsonl, read_norms_tensorboard
 
@@ -62,8 +63,7 @@ def load_run(run_dir: str, name: str) -> Run:
     """Records (norms.jsonl, else TensorBoard) and run_config.json of one run directory."""
     if not os.path.isdir(run_dir):
         raise ExportError(f"run directory {run_dir} does not exist")
-    jsonl = os.path.join(run_dir, "norms.jsonl")
-    tensorboard = os.path.join(run_dir, "tensorboard")
+    jsonl, tensorboard = RunDir(run_dir).norms, RunDir(run_dir).tensorboard
     if os.path.isfile(jsonl):
         records = read_norms_jsonl(jsonl)
     elif os.path.isdir(tensorboard):
@@ -74,7 +74,7 @@ def load_run(run_dir: str, name: str) -> Run:
         raise ExportError(f"run directory {run_dir}: no norm statistics found (expected norms.jsonl or "
                           "norms/... scalars under tensorboard/); train with --run-dir and --norm-log-interval")
     config = {}
-    config_path = os.path.join(run_dir, "run_config.json")
+    config_path = RunDir(run_dir).run_config
     if os.path.isfile(config_path):
         try:
             with open(config_path) as f:

@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_norms  # noqa: E402  (tools/export_norms.py, beside this script)
 
 from disco_megatron.norms.writers import read_norms_jsonl  # noqa: E402
-from disco_megatron.training import launch  # noqa: E402
+from disco_megatron import launcher  # noqa: E402
+from disco_megatron.config import RunDir  # noqa: E402
 
 
 class SweepError(Exception):
@@ -89,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweep_norms.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s [options] [-- extra disco-pretrain flags]")
     grid = parser.add_argument_group("grid")
-    grid.add_argument("--lrs", type=launch.comma_list(float), default=[0.004, 0.01, 0.025, 0.06],
+    grid.add_argument("--lrs", type=launcher.comma_list(float), default=[0.004, 0.01, 0.025, 0.06],
                       help="comma-separated peak learning rates (--lr of each run; default: 0.004,0.01,0.025,0.06)")
-    grid.add_argument("--batch-sizes", type=launch.comma_list(int), default=[8, 16],
+    grid.add_argument("--batch-sizes", type=launcher.comma_list(int), default=[8, 16],
                       help="comma-separated global batch sizes in sequences (default: 8,16)")
-    grid.add_argument("--hidden-sizes", type=launch.comma_list(int), default=[64, 128],
+    grid.add_argument("--hidden-sizes", type=launcher.comma_list(int), default=[64, 128],
                       help="comma-separated model widths (default: 64,128)")
     grid.add_argument("--train-tokens", type=int, default=81920,
                       help="tokens per run; iterations = tokens // (batch x seq length) (default: 81920)")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "size (--eval-iters = this / batch; default: 128)")
     model.add_argument("--norm-points", type=int, default=10, help="about this many norm logs per run (default: 10)")
     launch_group = parser.add_argument_group("launch")
-    launch.add_launch_flags(launch_group)
+    launcher.add_launch_flags(launch_group)
     launch_group.add_argument("--out", default="runs/norm_sweep", help="sweep directory (default: runs/norm_sweep)")
     report = parser.add_argument_group("report")
     report.add_argument("--final-group", default="output",
@@ -170,13 +171,13 @@ def train_args(args: argparse.Namespace, point: Point, extra: Sequence[str]) -> 
         "--optimizer": args.optimizer, "--log-interval": interval, "--norm-log-interval": interval,
         "--eval-interval": steps, "--eval-iters": args.eval_sequences // point.batch,
     }
-    schedule = launch.schedule_flags(point.lr, steps, args.lr_decay_style, args.min_lr_ratio, args.warmup_fraction)
+    schedule = launcher.schedule_flags(point.lr, steps, args.lr_decay_style, args.min_lr_ratio, args.warmup_fraction)
     return [*(str(x) for pair in flags.items() for x in pair), *schedule, *extra]
 
 
 def final_norm(run_dir: str, group: str, norm: str) -> float:
     """The last logged parameter norm of a group (nan when never logged or non-finite)."""
-    path = os.path.join(run_dir, "norms.jsonl")
+    path = RunDir(run_dir).norms
     records = read_norms_jsonl(path) if os.path.isfile(path) else []
     values = [r.get("groups", {}).get("param", {}).get(group, {}).get(norm) for r in records]
     values = [v for v in values if v is not None]
@@ -185,18 +186,18 @@ def final_norm(run_dir: str, group: str, norm: str) -> float:
 
 def run_point(args: argparse.Namespace, point: Point, extra: Sequence[str], index: int, total: int) -> Outcome:
     run_dir = os.path.join(args.out, point.name)
-    result = launch.run_training(run_dir, train_args(args, point, extra), args.nproc, timeout=args.run_timeout,
-                                 prefix=f"[{point.name}] ")
+    result = launcher.run_training(run_dir, train_args(args, point, extra), args.nproc, timeout=args.run_timeout,
+                                   prefix=f"[{point.name}] ")
     status = "reused" if result.reused else f"{result.seconds:.0f} s"
-    if not result.ok and not launch.diverged(run_dir):
+    if not result.ok and not launcher.diverged(run_dir):
         raise SweepError(f"run {run_dir} failed (exit {result.returncode}), not by divergence:\n"
-                         f"{launch.log_tail(run_dir)}fix the flags, remove {run_dir} and run the sweep again")
+                         f"{launcher.log_tail(run_dir)}fix the flags, remove {run_dir} and run the sweep again")
     print(f"sweep: {index}/{total} {point.name}: {'ok' if result.ok else 'diverged'} ({status})", flush=True)
-    losses = [loss for _, loss in launch.train_curve(run_dir)]
+    losses = [loss for _, loss in launcher.train_curve(run_dir)]
     return Outcome(point, iterations(args, point), result.returncode, result.seconds,
                    final_norm(run_dir, args.final_group, args.final_norm),
                    losses[-1] if losses and result.ok else math.nan,
-                   launch.final_valid_loss(run_dir) if result.ok else math.nan)
+                   launcher.final_valid_loss(run_dir) if result.ok else math.nan)
 
 
 def best_per_width(outcomes: Sequence[Outcome]) -> dict[int, Outcome | None]:
@@ -205,7 +206,7 @@ def best_per_width(outcomes: Sequence[Outcome]) -> dict[int, Outcome | None]:
     best = {}
     for width in widths:
         mine = {i: o.final_valid_loss for i, o in enumerate(outcomes) if o.point.hidden == width}
-        index = launch.lowest(mine)
+        index = launcher.lowest(mine)
         best[width] = None if index is None else outcomes[index]
     return best
 
@@ -215,7 +216,7 @@ def best_per_line(outcomes: Sequence[Outcome]) -> dict[tuple[int, int], Outcome]
     best = {}
     for key in sorted({(o.point.hidden, o.point.batch) for o in outcomes}):
         mine = {i: o.final_valid_loss for i, o in enumerate(outcomes) if (o.point.hidden, o.point.batch) == key}
-        index = launch.lowest(mine)
+        index = launcher.lowest(mine)
         if index is not None:
             best[key] = outcomes[index]
     return best
@@ -308,7 +309,7 @@ def plot_transfer(args: argparse.Namespace, outcomes: Sequence[Outcome], path: s
 
 def export(args: argparse.Namespace, outcomes: Sequence[Outcome]) -> None:
     """The tidy table of all runs and the export_norms plots of each width."""
-    with_norms = [o for o in outcomes if os.path.isfile(os.path.join(args.out, o.point.name, "norms.jsonl"))]
+    with_norms = [o for o in outcomes if os.path.isfile(RunDir(os.path.join(args.out, o.point.name)).norms)]
     dirs = [os.path.join(args.out, o.point.name) for o in with_norms]
     common = ["--lr-key", "lr", "--batch-key", "global_batch_size", "--final-group", args.final_group,
               "--final-norm", args.final_norm, "--loss-window", str(args.loss_window)]
@@ -322,7 +323,7 @@ def export(args: argparse.Namespace, outcomes: Sequence[Outcome]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    own, extra = launch.split_passthrough(sys.argv[1:] if argv is None else argv)
+    own, extra = launcher.split_passthrough(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
     try:
         validate(args)
@@ -330,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             for point in points:
                 run_dir = os.path.join(args.out, point.name)
-                command = launch.torchrun_command(launch.run_args(train_args(args, point, extra), run_dir), args.nproc)
+                command = launcher.torchrun_command(launcher.run_args(train_args(args, point, extra), run_dir),
+                                                    args.nproc)
                 print("OMP_NUM_THREADS=1 " + shlex.join(command))
             return 0
         os.makedirs(args.out, exist_ok=True)
@@ -342,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         total = sum(o.seconds for o in outcomes)
         print(f"\nsweep: {len(outcomes)} runs, {total / 60:.1f} min of training wall time; wrote "
               f"{os.path.join(args.out, 'summary.csv')}, runs.csv, norms.csv, plots/")
-    except (SweepError, launch.LaunchError, export_norms.ExportError) as exc:
+    except (SweepError, launcher.LaunchError, export_norms.ExportError) as exc:
         print(f"sweep_norms.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -107,11 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (0, or 2 with one error line)."""
     args = build_parser().parse_args(argv)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversions run on CPU (set before torch looks for CUDA)
-    from disco_megatron.checkpoint.convert import quiet_warnings
+    from disco_megatron.runtime.quiet import quiet_known_warnings
 
-    quiet_warnings()
+    quiet_known_warnings()
+    from disco_megatron.checkpoint import CheckpointError
     from disco_megatron.config import ConfigError
-    from disco_megatron.training.checkpointing import CheckpointError
 
     try:
         run(args)

@@ -2,8 +2,8 @@
 
 Whole models are read and written through megatron itself: a TP1/PP1 GPTModel in a 1-process
 gloo group loads a checkpoint of any TP/PP layout (dist_checkpointing reshards, SwiGLU included),
-and checkpoints are written with the training loop's own ``save_checkpoint``. Resharding builds
-model + optimizer at the target layout in ``TP x PP`` processes exactly as training does, so
+and checkpoints are written with the trainer's own ``storage.save_checkpoint``. Resharding builds
+model + optimizer at the target layout in ``TP x PP`` processes with the trainer's builders, so
 optimizer state (Scion momentum, Adam moments) moves with its parameter's sharding.
 Every output is written to a temporary directory beside the target and renamed at the end.
 Checkpoints Megatron-LM wrote (its args in place of model_config) go through :mod:`megatron_lm`.
@@ -16,31 +16,19 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, replace
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from disco_megatron.checkpoint import ConversionError, hf_llama, megatron_lm
+from disco_megatron.checkpoint import ConversionError, hf_llama, megatron_lm, storage
 from disco_megatron.checkpoint.legacy import read_legacy_checkpoint
-from disco_megatron.config import ConfigError, ModelConfig, RunConfig, ScionFlags
-from disco_megatron.training import checkpointing
+from disco_megatron.config import ConfigError, ModelConfig, RunConfig, RunDir
 
-RUN_CONFIG_FILE = "run_config.json"
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _TP1 = {"tp": 1, "pp": 1, "dp": 1}
-
-
-def quiet_warnings() -> None:
-    """Silence megatron-core's known noise: apex/TE fallbacks and its own deprecated torch calls."""
-    from disco_megatron.training.logs import quiet_known_warnings
-
-    quiet_known_warnings()
-    for deprecation in ("`load_state_dict` is deprecated", "Please use DTensor instead"):
-        warnings.filterwarnings("ignore", message=deprecation, category=FutureWarning)
 
 
 # ---- output directories ----------------------------------------------------------------------
@@ -111,13 +99,13 @@ def load_full_model(load: str, iteration: Optional[int] = None):
     """(TP1/PP1 GPTModel holding the checkpoint's weights, its ModelConfig); needs TP1/PP1 parallel state."""
     from disco_megatron.models import build_gpt_model
 
-    ckpt, common = checkpointing.read_common_state(load, iteration)
+    ckpt, common = storage.read_common_state(load, iteration)
     cfg = checkpoint_model_config(common, load)
     model = build_gpt_model(cfg)
     if megatron_lm.is_megatron_lm(common):
         megatron_lm.load(ckpt, model)
         return model, cfg
-    checkpointing.load_checkpoint(load, model, None, None, asdict(cfg), _TP1, load_optim=False, load_rng=False,
+    storage.load_checkpoint(load, model, None, None, asdict(cfg), _TP1, load_optim=False, load_rng=False,
                                   iteration=iteration)
     return model, cfg
 
@@ -162,7 +150,7 @@ def write_full_checkpoint(save: str, full: dict[str, Tensor], cfg: ModelConfig, 
             raise ConversionError(f"{source}: {exc}") from exc
         if for_megatron_lm:
             return megatron_lm.save(save, 0, megatron_lm.args_for(cfg), model)
-        return checkpointing.save_checkpoint(save, model, None, None, checkpointing.TrainState(), asdict(cfg), _TP1)
+        return storage.save_checkpoint(save, model, None, None, storage.TrainState(), asdict(cfg), _TP1)
 
 
 def data_flags(tokenizer: Optional[str]) -> list[str]:
@@ -230,7 +218,7 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, tokenizer_model:
           force: bool = False) -> list[str]:
     """A checkpoint at any TP/PP layout -> HF Llama directory; returns the files written."""
     check_output(out, force, load)
-    ckpt, common = checkpointing.read_common_state(load, iteration)
+    ckpt, common = storage.read_common_state(load, iteration)
     cfg = checkpoint_model_config(common, load)
     hf_llama.require_llama_shape(cfg, f"--load {ckpt}")
     if tokenizer_model is not None:
@@ -317,41 +305,37 @@ def convert_legacy(load: str, out: str, iteration: Optional[int] = None, tokeniz
 
 def find_run_config(load: str, run_config: Optional[str]) -> str:
     """``--run-config``, else run_config.json in the checkpoint directory or its parent (the run dir)."""
-    candidates = [run_config] if run_config else [os.path.join(load, RUN_CONFIG_FILE),
-                                                  os.path.join(os.path.dirname(os.path.abspath(load)), RUN_CONFIG_FILE)]
+    candidates = [run_config] if run_config else [RunDir(load).run_config,
+                                                  RunDir(os.path.dirname(os.path.abspath(load))).run_config]
     for path in candidates:
         if os.path.isfile(path):
             return path
-    raise ConversionError(f"--run-config {candidates[0]}: no such file; pass --run-config RUN_DIR/{RUN_CONFIG_FILE} "
-                          "(written by disco-pretrain) so the optimizer is rebuilt as it was trained")
+    raise ConversionError(f"--run-config {candidates[0]}: no such file; pass --run-config "
+                          f"RUN_DIR/{RunDir.run_config.name} (written by disco-pretrain) so the optimizer is "
+                          "rebuilt as it was trained")
 
 
 def read_run_config(path: str) -> RunConfig:
     """A RunConfig from disco-pretrain's run_config.json."""
     try:
-        data = json.load(open(path))
-        return RunConfig(**{**data, "model": ModelConfig(**data["model"]), "scion": ScionFlags(**data["scion"])})
+        with open(path) as f:
+            return RunConfig.from_dict(json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConversionError(f"--run-config {path}: not a disco-pretrain {RUN_CONFIG_FILE} ({exc})") from exc
+        raise ConversionError(f"--run-config {path}: not a disco-pretrain {RunDir.run_config.name} ({exc})") from exc
 
 
 def _reshard_worker(rank: int, world: int, cfg: RunConfig, model_config: dict, load: str,
                     iteration: Optional[int], save: str) -> None:
     """One rank of the target layout: build model + optimizer as training does, load, save."""
-    from disco_megatron.models import build_gpt_model
-    from disco_megatron.runtime import initialize_parallel
-    from disco_megatron.training.loop import wrap_ddp
-    from disco_megatron.training.optimizers import build_optimizer, build_scheduler
+    from disco_megatron.builders import build_trainable
+    from disco_megatron.runtime import initialize_parallel, quiet_known_warnings
 
-    quiet_warnings()
+    quiet_known_warnings()
     info = initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.seed)
-    model = build_gpt_model(cfg.model)
-    optimizer = build_optimizer(cfg, [wrap_ddp(model, cfg)])
-    scheduler = build_scheduler(cfg, optimizer)
-    parallel = {"tp": info.tp, "pp": info.pp, "dp": info.dp}
-    state = checkpointing.load_checkpoint(load, model, optimizer, scheduler, model_config, parallel,
-                                          load_optim=True, load_rng=False, iteration=iteration)
-    checkpointing.save_checkpoint(save, model, optimizer, scheduler, state, model_config, parallel)
+    run = build_trainable(cfg)
+    state = storage.load_checkpoint(load, run.model, run.optimizer, run.scheduler, model_config, info.layout,
+                                    load_optim=True, load_rng=False, iteration=iteration)
+    storage.save_checkpoint(save, run.model, run.optimizer, run.scheduler, state, model_config, info.layout)
 
 
 def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Optional[int] = None,
@@ -362,11 +346,11 @@ def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Opti
     from disco_megatron.runtime.spawn import run_workers
 
     check_output(out, force, load)
-    ckpt, common = checkpointing.read_common_state(load, iteration)
+    ckpt, common = storage.read_common_state(load, iteration)
     if megatron_lm.is_megatron_lm(common):
         with staged_output(out) as tmp:
             megatron_lm.reshard(ckpt, common, tmp, target_tp, target_pp)
-        return checkpointing.checkpoint_dir(out, int(common.get("iteration", 0)))
+        return storage.checkpoint_dir(out, int(common.get("iteration", 0)))
     if "optimizer_type" not in common:
         raise ConversionError(f"--load {ckpt}: holds no optimizer state; reshard needs a training checkpoint "
                               "(a weights-only checkpoint loads at any layout as it is)")
@@ -389,8 +373,8 @@ def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Opti
         except mp.ProcessRaisedException as exc:
             last = re.sub(r"^[\w.]+(Error|Exception): ", "", str(exc).strip().splitlines()[-1])
             raise ConversionError(f"reshard to TP {target_tp} x PP {target_pp} failed: {last}") from exc
-        _write_json(os.path.join(tmp, RUN_CONFIG_FILE), {**cfg.to_dict(), "model": common["model_config"]})
-        final = checkpointing.checkpoint_dir(out, checkpointing.read_latest_iteration(tmp))
+        _write_json(RunDir(tmp).run_config, {**cfg.to_dict(), "model": common["model_config"]})
+        final = storage.checkpoint_dir(out, storage.read_latest_iteration(tmp))
     return final
 
 
@@ -398,7 +382,7 @@ def inspect_checkpoint(load: str, iteration: Optional[int] = None) -> str:
     """A readable summary: model shape, layout, progress, optimizer and every tensor's global shape/dtype."""
     from megatron.core import dist_checkpointing
 
-    ckpt, common = checkpointing.read_common_state(load, iteration)
+    ckpt, common = storage.read_common_state(load, iteration)
     cfg = checkpoint_model_config(common, load)
     train, parallel, optimizer = megatron_lm.summary(common) if megatron_lm.is_megatron_lm(common) else \
         (common.get("train_state", {}), common.get("parallel", {}), common.get("optimizer_type", "none (weights only)"))

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from disco_megatron.checkpoint import ConversionError
 from disco_megatron.checkpoint.megatron_lm import model_config_from_args, saved_layout
+from disco_megatron.checkpoint.storage import RELEASE, checkpoint_dir, read_latest_iteration, require_saved_iteration
 from disco_megatron.config import ModelConfig
 from disco_megatron.models.naming import local_spec_name, tp_partition_dim
 from disco_megatron.models.sharding import gather_full_tensor, global_param_name
-from disco_megatron.training.checkpointing import LATEST_FILE
 
 LEGACY_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -45,20 +45,10 @@ class LegacyCheckpoint:
 
 def legacy_iteration_dir(load: str, iteration: Optional[int]) -> str:
     """``LOAD/iter_N`` (the pointer's iteration unless given) or ``LOAD/release``."""
-    if iteration is None:
-        pointer = os.path.join(load, LATEST_FILE)
-        if not os.path.isfile(pointer):
-            raise ConversionError(f"--load {load}: no {LATEST_FILE}; pass --ckpt-step N")
-        text = open(pointer).read().strip()
-        if text == "release":
-            return os.path.join(load, "release")
-        if not text.isdigit():
-            raise ConversionError(f"--load {load}: {LATEST_FILE} holds {text!r}, not an iteration or 'release'")
-        iteration = int(text)
-    path = os.path.join(load, f"iter_{iteration:07d}")
-    if not os.path.isdir(path):
-        raise ConversionError(f"--load {load}: {path} does not exist")
-    return path
+    if iteration is not None:
+        return require_saved_iteration(load, iteration)
+    pointed = read_latest_iteration(load, release_ok=True)
+    return os.path.join(load, RELEASE) if pointed == RELEASE else checkpoint_dir(load, pointed)
 
 
 def rank_files(ckpt_dir: str) -> dict[tuple[int, int], str]:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from disco_megatron.checkpoint import ConversionError
+from disco_megatron.checkpoint.storage import checkpoint_dir, write_latest_iteration
 from disco_megatron.config import ConfigError, ModelConfig
 
 ARGS = "args"
@@ -192,8 +193,6 @@ def save(out: str, iteration: int, args: argparse.Namespace, model, optimizer=No
     """
     from megatron.core import dist_checkpointing
 
-    from disco_megatron.training.checkpointing import LATEST_FILE, checkpoint_dir
-
     final = checkpoint_dir(out, iteration)
     if torch.distributed.get_rank() == 0:
         os.makedirs(final, exist_ok=True)
@@ -203,8 +202,7 @@ def save(out: str, iteration: int, args: argparse.Namespace, model, optimizer=No
     dist_checkpointing.save(state, final, content_metadata=CONTENT_METADATA)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        with open(os.path.join(out, LATEST_FILE), "w") as f:
-            f.write(str(iteration))
+        write_latest_iteration(out, iteration)
     return final
 
 
@@ -258,7 +256,7 @@ def resharded_args(args: argparse.Namespace, tp: int, pp: int) -> argparse.Names
 def _optimizer_for(args: argparse.Namespace, ddp):
     """The optimizer Megatron-LM builds for ``args``: the plug-in's Scion, else megatron-core's."""
     if args.optimizer == "scion":
-        from disco_megatron.integrations.megatron_lm import scion_config_from_args
+        from disco_megatron.optim.config import scion_config_from_args
         from disco_megatron.optim.megatron import get_scion_optimizer
 
         return get_scion_optimizer(scion_config_from_args(args), [ddp])
@@ -275,11 +273,10 @@ def _reshard_worker(rank: int, world: int, common: dict, ckpt: str, save_dir: st
     """One rank of the target layout: model + optimizer as Megatron-LM builds them, load, save."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from disco_megatron.checkpoint.convert import quiet_warnings
     from disco_megatron.models import build_gpt_model
-    from disco_megatron.runtime import initialize_parallel
+    from disco_megatron.runtime import initialize_parallel, quiet_known_warnings
 
-    quiet_warnings()
+    quiet_known_warnings()
     args = common[ARGS]
     initialize_parallel(tp, pp, int(getattr(args, "seed", 1234)))
     model = build_gpt_model(model_config_from_args(args, ckpt))

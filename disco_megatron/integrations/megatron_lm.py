@@ -34,18 +34,14 @@ import logging
 import os
 import runpy
 import sys
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from disco_megatron.config import RUN_FLAGS, RunConfig, add_flags
-from disco_megatron.scion_options import SCION_FLAGS, ScionFlags, add_scion_arguments
+from disco_megatron.scion_options import add_scion_arguments
 
-if TYPE_CHECKING:
-    from disco_megatron.optim.config import ScionConfig
-
-__all__ = ["SCION", "add_scion_args", "scion_config_from_args", "install", "uninstall", "global_named_params",
+__all__ = ["SCION", "add_scion_args", "install", "uninstall", "global_named_params",
            "NormHook", "build_norm_hook", "main"]
 
 logger = logging.getLogger(__name__)
@@ -80,19 +76,6 @@ def add_scion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def scion_config_from_args(args: argparse.Namespace) -> "ScionConfig":
-    """A validated ``ScionConfig`` from Megatron-LM's parsed arguments."""
-    from disco_megatron.optim.config import scion_config_from_flags
-
-    flags = ScionFlags(**{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
-    config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16)
-    if getattr(args, "clip_grad", 0.0):
-        logger.info("--optimizer scion never clips gradients; --clip-grad %s is ignored", args.clip_grad)
-    return replace(config, fp16=args.fp16, use_distributed_optimizer=args.use_distributed_optimizer,
-                   log_num_zeros_in_grad=args.log_num_zeros_in_grad,
-                   barrier_with_L1_time=args.barrier_with_L1_time)
-
-
 def _get_megatron_optimizer(original: Callable) -> Callable:
     @functools.wraps(original)
     def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
@@ -123,6 +106,8 @@ def _get_megatron_optimizer_config(original: Callable) -> Callable:
             return original(args)
         # The scheduler sets each group's weight_decay from start/end_weight_decay every step.
         args.weight_decay = args.start_weight_decay = args.end_weight_decay = args.scion_weight_decay
+        from disco_megatron.optim.config import scion_config_from_args
+
         return scion_config_from_args(args), None
 
     return get_megatron_optimizer_config
@@ -176,7 +161,7 @@ class NormHook:
     def after_log(self, iteration: int, loss_dict: dict) -> None:
         if not self.tracker.should_log(iteration):
             return
-        from disco_megatron.training.optimizers import group_lrs
+        from disco_megatron.builders import group_lrs
 
         loss = loss_dict.get("lm loss") if loss_dict else None
         self.tracker.after_step(iteration, tokens=self.args.consumed_train_samples * self.args.seq_length,
@@ -184,11 +169,12 @@ class NormHook:
 
 
 def _norm_writers(args: argparse.Namespace) -> list:
+    from disco_megatron.config import RunDir
     from disco_megatron.norms import JsonlNormWriter, TensorBoardNormWriter
 
     writers = []
     directory = args.tensorboard_dir or args.save
-    path = args.norm_log_file or (directory and os.path.join(directory, "norms.jsonl"))
+    path = args.norm_log_file or (directory and RunDir(directory).norms)
     if path:
         writers.append(JsonlNormWriter(path))
     if args.tensorboard_dir:

@@ -77,10 +77,17 @@ def check_fp8_flags(cfg: ModelConfig) -> None:
                           "which the optimizers keep for bf16 models")
 
 
+def have_transformer_engine() -> bool:
+    """True when TransformerEngine's PyTorch extension imports (GPU images only)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises OSError/ImportError/RuntimeError without CUDA libraries
+        return False
+    return True
+
+
 def installed_te_version() -> Optional[str]:
     """TransformerEngine's version, None when it does not import (no CUDA, not installed)."""
-    from disco_megatron.models.gpt import have_transformer_engine
-
     if not have_transformer_engine():
         return None
     from megatron.core.utils import get_te_version

@@ -13,15 +13,6 @@ if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def have_transformer_engine() -> bool:
-    """True when TransformerEngine's PyTorch extension imports (GPU images only)."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # TE raises OSError/ImportError/RuntimeError without CUDA libraries
-        return False
-    return True
-
-
 def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig":
     """megatron-core TransformerConfig for this model shape and parallel layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -71,6 +62,8 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig
 def layer_spec(cfg: ModelConfig):
     """The transformer-layer ModuleSpec for ``--transformer-impl``."""
     from megatron.core.models.gpt import gpt_layer_specs
+
+    from disco_megatron.models.fp8 import have_transformer_engine
 
     if cfg.transformer_impl == "transformer_engine":
         if not have_transformer_engine():

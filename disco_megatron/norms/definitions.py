@@ -1,4 +1,4 @@
-"""Norm definitions of DESIGN.md section 1, on full tensors, and how a layer group aggregates them.
+"""Norm definitions of docs/design.md §1, on full tensors, and how a layer group aggregates them.
 
 Every norm is a function of a few sufficient statistics (σ_max, the largest squared row and
 column norms, the sum of squares, the largest |w|). :func:`matrix_norms_from_stats` is the one

@@ -1,4 +1,4 @@
-"""Norms of TP-sharded tensors from this rank's shards, without gathering them (DESIGN.md section 4).
+"""Norms of TP-sharded tensors from this rank's shards, without gathering them (docs/design.md §2).
 
 A tensor is split over the TP group along ``partition_dim``: 0 (row blocks: ColumnParallel,
 vocab-parallel embedding/output), 1 (column blocks: RowParallel) or None (replicated, every

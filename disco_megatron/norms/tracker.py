@@ -17,7 +17,7 @@ Who does what:
   many tensors; ``named_params`` order is the same on every TP rank. Replicated tensors are
   computed by TP rank 0 alone, in the same call, without communication.
 - TP rank 0 of each stage (DP replica 0) sends its results with one object gather over
-  ``pp_group`` to the **last stage's** TP-rank-0 rank, the writer rank (DESIGN.md section 4:
+  ``pp_group`` to the **last stage's** TP-rank-0 rank, the writer rank (docs/design.md §2:
   that is where the loss is, and where the training loop logs). It aggregates the groups
   (:func:`~disco_megatron.norms.definitions.aggregate_groups`: max of the operator norms,
   root-sum-square Frobenius), and hands the record to every writer.

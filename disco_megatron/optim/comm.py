@@ -4,7 +4,7 @@ Counts are payload bytes to / from *other* ranks (a rank's slice to itself is a 
 ``all_gather``: the local tensor goes to g−1 peers and g−1 tensors arrive. ``all_reduce``
 is counted as a ring would move it, 2·(g−1)/g of the tensor each way (nominal: the backend
 may use another algorithm). ``benchmarks/comm.py`` compares these counts with the theory in
-``optim/distributed.py``'s docstring.
+``optim/distributed.py``'s docstring (derived in docs/design.md §3).
 """
 from __future__ import annotations
 

@@ -10,8 +10,10 @@ default to the hidden radius). Weight decay is decoupled and, as in megatron, no
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -19,7 +21,9 @@ import torch
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
 from disco_megatron import scion_options
-from disco_megatron.scion_options import DEFAULTS, ScionFlags
+from disco_megatron.scion_options import DEFAULTS, SCION_FLAGS, ScionFlags
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,3 +123,18 @@ def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, b
         scion_output_lmo=flags.output_lmo, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
+
+
+def scion_config_from_args(args: argparse.Namespace) -> ScionConfig:
+    """A validated ``ScionConfig`` from Megatron-LM's parsed arguments (with the plug-in's Scion flags).
+
+    Used by the Megatron-LM plug-in to build the optimizer and by the checkpoint converter to
+    rebuild it from a saved run's ``args``.
+    """
+    flags = ScionFlags(**{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
+    config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16)
+    if getattr(args, "clip_grad", 0.0):
+        logger.info("--optimizer scion never clips gradients; --clip-grad %s is ignored", args.clip_grad)
+    return replace(config, fp16=args.fp16, use_distributed_optimizer=args.use_distributed_optimizer,
+                   log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+                   barrier_with_L1_time=args.barrier_with_L1_time)

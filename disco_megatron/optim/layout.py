@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 
-from disco_megatron.models.naming import LR_GROUPS, param_group  # noqa: F401 (the optimizer imports them from here)
 from disco_megatron.models.naming import canonical_name, lr_group, param_rule, qkv_group_layout
 from disco_megatron.scion_options import DEFAULTS, check_option
 

@@ -31,7 +31,8 @@ from megatron.core.utils import get_attr_wrapped_model, log_single_rank
 from disco_megatron.models.fp8 import is_quantized, master_weight
 from disco_megatron.optim.config import ScionConfig, scion_config_from_flags
 from disco_megatron.optim.distributed import DistributedScion, StageGroups, StepResult
-from disco_megatron.optim.layout import LR_GROUPS, ParamLayout, build_layout
+from disco_megatron.models.naming import LR_GROUPS
+from disco_megatron.optim.layout import ParamLayout, build_layout
 
 __all__ = ["ScionOptimizer", "ScionConfig", "get_scion_optimizer", "scion_config_from_flags"]
 

@@ -1,16 +1,17 @@
 """The few CUDA assumptions of megatron-core that need a shim to run on CPU/gloo.
 
 Every shim is installed by :func:`install_cpu_shims`, only when CUDA is unavailable, and each
-carries a one-line reason. Nothing in megatron-core is edited; see ../shared/CPU_NOTES.md.
+carries a one-line reason. Nothing in megatron-core is edited; see docs/cpu_notes.md.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from disco_megatron.runtime.quiet import quiet_known_warnings
 
 _INSTALLED = False
 _CPU = torch.device("cpu")
@@ -96,8 +97,7 @@ def install_cpu_shims() -> bool:
     if _INSTALLED:
         return True
     # Reason: apex is optional; megatron-core falls back to torch norms/kernels and says so loudly.
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    quiet_known_warnings()
     # Reason: RoPE, attention and p2p call torch.cuda.current_device() for tensor placement.
     torch.cuda.current_device = lambda: _CPU
     # Reason: some paths call torch.cuda.synchronize(), which raises without CUDA.

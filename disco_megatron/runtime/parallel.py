@@ -13,11 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from disco_megatron.config import validate_world
 from disco_megatron.runtime.cpu_shims import install_cpu_shims, seed_rng_tracker
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work (raised identically on every rank, before any collective)."""
 
 
 @dataclass(frozen=True)
@@ -41,20 +38,10 @@ class ParallelInfo:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-
-def validate_world(world_size: int, tp: int, pp: int) -> int:
-    """Return DP size, or raise a message naming the flags when the world cannot be split."""
-    if tp < 1 or pp < 1:
-        raise ParallelConfigError(
-            f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1"
-        )
-    if world_size % (tp * pp):
-        raise ParallelConfigError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes "
-            "(torchrun --nproc-per-node) or change the sizes"
-        )
-    return world_size // (tp * pp)
+    @property
+    def layout(self) -> dict[str, int]:
+        """``{"tp", "pp", "dp"}``: the layout a checkpoint records (RNG states reload only into the same)."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
 
 
 def default_backend() -> str:

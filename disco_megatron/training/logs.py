@@ -5,22 +5,9 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import Optional
 
-# Warnings megatron-core emits on every run that say nothing about this run.
-_KNOWN_NOISE = (
-    ".*full scope is deprecated.*",
-    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
-    ".*Apex is not installed.*",
-    ".*Transformer Engine and Apex are not installed.*",
-)
-
-
-def quiet_known_warnings() -> None:
-    """Filter megatron-core warnings that do not apply (CUDA tuning hints, apex fallbacks)."""
-    for pattern in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
+from disco_megatron.config import RunDir
 
 
 def log(message: str, rank: Optional[int] = None) -> None:
@@ -48,7 +35,7 @@ class RunWriter:
         self.tb = None
         if run_dir:
             os.makedirs(run_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(run_dir, "train_log.jsonl"), "a")
+            self.jsonl = open(RunDir(run_dir).train_log, "a")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -23,11 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional, TypeVar
 
-LAUNCH_FILE = "launch.json"
-LOG_FILE = "launch.log"
-# Files the trainer or this module write; a directory holding anything else is not cleared.
-_RUN_FILES = {LAUNCH_FILE, LOG_FILE, "train_log.jsonl", "norms.jsonl", "run_config.json", "tensorboard",
-              "checkpoints"}
+from disco_megatron.config import RunDir
+
 # Console lines worth echoing while a run streams: the trainer's timestamped log lines and errors.
 _ECHO_PREFIXES = ("[", "disco-pretrain: error")
 
@@ -101,7 +98,7 @@ def run_args(train_args: Sequence[str], run_dir: str) -> list[str]:
 
 def read_launch(run_dir: str) -> Optional[dict]:
     """The ``launch.json`` of an earlier launch in ``run_dir``, or None."""
-    path = os.path.join(run_dir, LAUNCH_FILE)
+    path = RunDir(run_dir).launch_record
     if not os.path.isfile(path):
         return None
     try:
@@ -115,7 +112,7 @@ def _clear_unfinished(run_dir: str) -> None:
     """Remove the leftovers of a run that never finished; refuse to touch foreign directories."""
     if not os.path.isdir(run_dir):
         return
-    foreign = sorted(set(os.listdir(run_dir)) - _RUN_FILES)
+    foreign = sorted(set(os.listdir(run_dir)) - RunDir.names())  # a directory holding anything else is not ours
     if foreign:
         raise LaunchError(f"run directory {run_dir} holds files that are not a run's ({', '.join(foreign[:5])}); "
                           "choose another output directory or remove them")
@@ -154,8 +151,7 @@ def run_training(run_dir: str, train_args: Sequence[str], nproc: int, *, timeout
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    reader = threading.Thread(target=_stream, args=(proc, os.path.join(run_dir, LOG_FILE), echo, prefix),
-                              daemon=True)
+    reader = threading.Thread(target=_stream, args=(proc, RunDir(run_dir).launch_log, echo, prefix), daemon=True)
     reader.start()
     try:
         returncode = proc.wait(timeout=timeout)
@@ -165,11 +161,11 @@ def run_training(run_dir: str, train_args: Sequence[str], nproc: int, *, timeout
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise LaunchError(f"run {run_dir} did not finish within {timeout:.0f} s (killed; see "
-                          f"{os.path.join(run_dir, LOG_FILE)}); raise the timeout or shrink the run") from exc
+                          f"{RunDir(run_dir).launch_log}); raise the timeout or shrink the run") from exc
     finally:
         reader.join()
     seconds = time.perf_counter() - start
-    with open(os.path.join(run_dir, LAUNCH_FILE), "w") as f:
+    with open(RunDir(run_dir).launch_record, "w") as f:
         json.dump({"command": command, "args": args, "nproc": nproc, "returncode": returncode,
                    "seconds": seconds}, f, indent=1)
     return RunResult(run_dir, returncode, seconds, reused=False)
@@ -177,7 +173,7 @@ def run_training(run_dir: str, train_args: Sequence[str], nproc: int, *, timeout
 
 def diverged(run_dir: str) -> bool:
     """Whether a failed run stopped on non-finite losses (a result of its lr) rather than a setup error."""
-    path = os.path.join(run_dir, LOG_FILE)
+    path = RunDir(run_dir).launch_log
     if not os.path.isfile(path):
         return False
     with open(path) as f:
@@ -186,7 +182,7 @@ def diverged(run_dir: str) -> bool:
 
 def log_tail(run_dir: str, lines: int = 5) -> str:
     """The last lines of a run's console log (for error messages)."""
-    path = os.path.join(run_dir, LOG_FILE)
+    path = RunDir(run_dir).launch_log
     if not os.path.isfile(path):
         return ""
     with open(path) as f:
@@ -195,7 +191,7 @@ def log_tail(run_dir: str, lines: int = 5) -> str:
 
 def read_train_log(run_dir: str) -> list[dict]:
     """The records of ``RUN_DIR/train_log.jsonl`` (empty when the run logged nothing)."""
-    path = os.path.join(run_dir, "train_log.jsonl")
+    path = RunDir(run_dir).train_log
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -204,7 +200,7 @@ def read_train_log(run_dir: str) -> list[dict]:
 
 def read_run_config(run_dir: str) -> dict:
     """``RUN_DIR/run_config.json`` (every flag of the run)."""
-    path = os.path.join(run_dir, "run_config.json")
+    path = RunDir(run_dir).run_config
     if not os.path.isfile(path):
         raise LaunchError(f"{path} is missing: {run_dir} is not a finished disco-pretrain --run-dir")
     with open(path) as f:

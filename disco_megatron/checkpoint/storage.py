@@ -4,6 +4,8 @@ Layout of a save directory (Megatron-LM names, so its tools and ours read each o
     SAVE/iter_0000100/            one dist_checkpointing checkpoint (written as iter_0000100.tmp, then renamed)
     SAVE/latest_checkpointed_iteration.txt   pointer, replaced atomically after the rename
 A crash during a save leaves a ``.tmp`` directory behind and the previous checkpoint and pointer valid.
+The pointer and the iteration directories are read here only, for our checkpoints and for
+Megatron-LM's legacy ones (``checkpoint.legacy``), whose pointer may also say ``release``.
 """
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import random
 import shutil
 import signal
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"  # Megatron-LM's pointer text for a released checkpoint, LOAD/release/
 # Test hook: comma-separated iterations whose save is killed (SIGKILL on rank 0) after the shards
 # are written and before the rename, the worst moment for the atomicity promised above.
 FAULT_KILL_IN_SAVE_ENV = "DISCO_FAULT_KILL_IN_SAVE_AT"
@@ -55,16 +58,30 @@ def saved_iterations(save: str) -> list[int]:
                   if n.startswith("iter_") and n[5:].isdigit() and os.path.isdir(os.path.join(save, n)))
 
 
-def read_latest_iteration(load: str) -> int:
-    """The iteration the ``latest`` pointer names; CheckpointError when there is none."""
+def require_saved_iteration(load: str, iteration: int) -> str:
+    """``--ckpt-step``'s directory under ``--load``; CheckpointError listing the saved iterations when absent."""
+    path = checkpoint_dir(load, iteration)
+    if not os.path.isdir(path):
+        saved = ", ".join(map(str, saved_iterations(load))) or "none"
+        raise CheckpointError(f"--ckpt-step {iteration}: {path} does not exist "
+                              f"(saved iterations in --load {load}: {saved})")
+    return path
+
+
+def read_latest_iteration(load: str, release_ok: bool = False) -> Union[int, str]:
+    """The iteration the ``latest`` pointer names, whose directory must exist; ``RELEASE`` where
+    ``release_ok`` (Megatron-LM's released checkpoints). CheckpointError otherwise, naming the file."""
     pointer = os.path.join(load, LATEST_FILE)
     if not os.path.isfile(pointer):
-        raise CheckpointError(
-            f"--load {load}: no {LATEST_FILE} (not a disco_megatron/Megatron checkpoint directory)"
-        )
-    text = open(pointer).read().strip()
+        raise CheckpointError(f"--load {load}: no {LATEST_FILE} (not a disco_megatron/Megatron checkpoint "
+                              "directory; or name the iteration with --ckpt-step)")
+    with open(pointer) as f:
+        text = f.read().strip()
+    if release_ok and text == RELEASE:
+        return RELEASE
     if not text.isdigit():
-        raise CheckpointError(f"--load {load}: {LATEST_FILE} holds {text!r}, not an iteration number")
+        expected = f"an iteration number or {RELEASE!r}" if release_ok else "an iteration number"
+        raise CheckpointError(f"--load {load}: {LATEST_FILE} holds {text!r}, not {expected}")
     iteration = int(text)
     if not os.path.isdir(checkpoint_dir(load, iteration)):
         raise CheckpointError(f"--load {load}: {LATEST_FILE} names iteration {iteration} but "
@@ -72,18 +89,27 @@ def read_latest_iteration(load: str) -> int:
     return iteration
 
 
-def _fault_kill_iterations() -> set[int]:
-    text = os.environ.get(FAULT_KILL_IN_SAVE_ENV, "")
-    return {int(x) for x in text.split(",") if x.strip()}
+def latest_iteration_or_none(load: Optional[str]) -> Optional[int]:
+    """Like read_latest_iteration, but None when the directory has no pointer yet (fresh run)."""
+    if load is None or not os.path.isfile(os.path.join(load, LATEST_FILE)):
+        return None
+    return read_latest_iteration(load)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def write_latest_iteration(save: str, iteration: int) -> None:
+    """Replace the ``latest`` pointer atomically (a reader sees the old or the new iteration)."""
+    path = os.path.join(save, LATEST_FILE)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(text)
+        f.write(str(iteration))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fault_kill_iterations() -> set[int]:
+    text = os.environ.get(FAULT_KILL_IN_SAVE_ENV, "")
+    return {int(x) for x in text.split(",") if x.strip()}
 
 
 def _rng_state() -> dict:
@@ -171,7 +197,7 @@ def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, m
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(os.path.join(save, LATEST_FILE), str(state.iteration))
+        write_latest_iteration(save, state.iteration)
     torch.distributed.barrier()
     return final
 
@@ -225,11 +251,8 @@ def read_common_state(load: str, iteration: Optional[int] = None) -> tuple[str, 
     """(iteration directory, its common state) of the latest or given iteration, without loading tensors."""
     from megatron.core import dist_checkpointing
 
-    if iteration is None:
-        iteration = read_latest_iteration(load)
-    ckpt = checkpoint_dir(load, iteration)
-    if not os.path.isdir(ckpt):
-        raise CheckpointError(f"--load {load} --ckpt-step {iteration}: {ckpt} does not exist")
+    ckpt = checkpoint_dir(load, read_latest_iteration(load)) if iteration is None \
+        else require_saved_iteration(load, iteration)
     try:
         return ckpt, dist_checkpointing.load_common_state_dict(ckpt)
     except Exception as exc:  # corrupt/partial files: say which, not a traceback wall
@@ -268,11 +291,3 @@ def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, 
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["train_state"])
-
-
-def latest_iteration_or_none(load: Optional[str]) -> Optional[int]:
-    """Like read_latest_iteration, but None when the directory has no pointer yet (fresh run)."""
-    if load is None or not os.path.isfile(os.path.join(load, LATEST_FILE)):
-        return None
-    return read_latest_iteration(load)
-

@@ -54,6 +54,14 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "weight_decay": DEFAULTS.weight_decay,
 }
 
+# --clip-grad (megatron's flag, shared with Adam) for Scion: off by default, as the Scion paper
+# trains (Pethick et al. 2025, "Training Deep Learning Models with Norm-Constrained LMOs",
+# arXiv:2502.07529): an LMO step has a fixed norm whatever the gradient's size. Megatron-LM's
+# own default (1.0) is honoured when the plug-in runs inside Megatron-LM.
+CLIP_GRAD_DEFAULT: float = 0.0
+CLIP_GRAD_HELP = ("clip the global gradient norm (all ranks, TP-replicated tensors counted once) to this "
+                  "before the update, as megatron-core does (0: off; Scion's default, as in the Scion paper)")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "ns_backend": NS_BACKENDS, "tp_mode": TP_MODES, "dp_mode": DP_MODES, "qkv_split": QKV_SPLITS,
     "output_lmo": OUTPUT_LMOS,
@@ -133,6 +141,23 @@ def check_parallel_modes(tp_mode: str, dp_mode: str) -> None:
     if dp_mode == "sharded" and tp_mode != "owner":
         raise ValueError(f"--scion-dp-mode sharded spreads matrix owners over TP×DP and needs --scion-tp-mode "
                          f"owner (got {tp_mode}); use --scion-dp-mode replicated")
+
+
+def check_clip_grad(value: float) -> None:
+    """``--clip-grad`` must be a finite number >= 0 (0: no clipping)."""
+    if not 0 <= value < math.inf:  # `not` also rejects NaN
+        raise ValueError(f"--clip-grad {value}: must be a finite number >= 0 (0 turns clipping off, "
+                         f"Scion's default)")
+
+
+def dp_mode_for(dp_mode: str, use_distributed_optimizer: bool) -> str:
+    """Scion's DP mode under megatron's ``--use-distributed-optimizer``: ``sharded``.
+
+    Megatron's flag asks to split the optimizer's work and state over DP; Scion's ``sharded``
+    mode does that (owners of the orthogonalisations spread over TP×DP), so the flag maps to it
+    instead of being refused. The DDP grads must then stay all-reduced (Scion reads whole grads).
+    """
+    return "sharded" if use_distributed_optimizer else dp_mode
 
 
 def validate(flags: ScionFlags) -> None:

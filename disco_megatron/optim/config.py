@@ -6,7 +6,10 @@ read the fields they expect (``lr``, ``min_lr``, ``weight_decay``, ``bf16``, ``t
 output and gains groups have their own peak lr (gains default to the hidden lr) and share
 the hidden min/peak ratio, so one megatron schedule drives all four. Radii likewise (gains
 default to the hidden radius). Weight decay is decoupled and, as in megatron, not applied to
-1-D gains and biases (their ``wd_mult`` is 0).
+1-D gains and biases (their ``wd_mult`` is 0). ``clip_grad`` > 0 clips the global grad norm
+before the momentum update (off by default); ``use_distributed_optimizer`` selects Scion's own
+DP-sharded mode (``scion_dp_mode = "sharded"``) and is then cleared, so no megatron code treats
+Scion as megatron's DistributedOptimizer.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
 from disco_megatron import scion_options
-from disco_megatron.scion_options import DEFAULTS, ScionFlags
+from disco_megatron.scion_options import CLIP_GRAD_DEFAULT, DEFAULTS, ScionFlags
 
 
 @dataclass
@@ -27,7 +30,7 @@ class ScionConfig(OptimizerConfig):
     """Scion hyper-parameters and parallel modes; see the module docstring for the groups."""
 
     optimizer: str = "scion"
-    clip_grad: float = 0.0
+    clip_grad: float = CLIP_GRAD_DEFAULT
     weight_decay: float = 0.0
     scion_lr_embedding: Optional[float] = None
     scion_lr_output: Optional[float] = None
@@ -47,13 +50,15 @@ class ScionConfig(OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.scion_dp_mode = scion_options.dp_mode_for(self.scion_dp_mode, self.use_distributed_optimizer)
+        self.use_distributed_optimizer = False
         self.validate()
 
     def validate(self) -> None:
         """Raise one ValueError naming the flag and the fix for the first bad setting.
 
         The Scion settings go through ``scion_options.validate`` (as the CLI's do); then what only a
-        megatron optimizer config has: the gains group, clipping, fp16, the distributed optimizer.
+        megatron optimizer config has: the gains group, clipping, fp16.
         """
         if self.lr is None:
             raise ValueError("--lr (the hidden-layer Scion learning rate) is required")
@@ -62,15 +67,10 @@ class ScionConfig(OptimizerConfig):
             if value is not None and not 0 <= value < math.inf:
                 raise ValueError(f"scion_{name}_gains {value}: must be a finite number >= 0 (or None: the "
                                  "hidden group's)")
-        if self.clip_grad > 0:
-            raise ValueError("Scion does not clip gradients (its updates have a fixed norm); "
-                             "set --clip-grad 0")
+        scion_options.check_clip_grad(self.clip_grad)
         if self.fp16:
             raise ValueError("Scion supports fp32 and --bf16 (fp32 master weights); --fp16 needs "
                              "loss scaling, which it does not implement: use --bf16")
-        if self.use_distributed_optimizer:
-            raise ValueError("Scion shards its own work (--scion-dp-mode sharded); drop "
-                             "--use-distributed-optimizer")
 
     def as_flags(self) -> ScionFlags:
         """The Scion settings as the flags name them (``lr`` is the hidden lr, ``weight_decay`` Scion's)."""
@@ -100,8 +100,10 @@ class ScionConfig(OptimizerConfig):
         return float(self.scion_radius_hidden if value is None else value)
 
 
-def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, bf16: bool = False) -> ScionConfig:
-    """ScionConfig from ``ScionFlags`` (the CLI's or the Megatron-LM plug-in's) and ``--lr``/``--min-lr``.
+def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, bf16: bool = False,
+                            clip_grad: float = CLIP_GRAD_DEFAULT) -> ScionConfig:
+    """ScionConfig from ``ScionFlags`` (the CLI's or the Megatron-LM plug-in's), ``--lr``/``--min-lr``
+    and ``--clip-grad``.
 
     Every ``--scion-lr-*`` defaults to ``--lr``; gains follow the hidden lr and radius. The
     hidden group's min lr keeps the ``--min-lr``/``--lr`` ratio (so does every group).
@@ -116,6 +118,6 @@ def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, b
         scion_constrained=flags.constrained, weight_decay=flags.weight_decay,
         scion_ns_backend=flags.ns_backend, scion_ns_steps=flags.ns_steps,
         scion_tp_mode=flags.tp_mode, scion_dp_mode=flags.dp_mode, scion_qkv_split=flags.qkv_split,
-        scion_output_lmo=flags.output_lmo, bf16=bf16,
+        scion_output_lmo=flags.output_lmo, bf16=bf16, clip_grad=clip_grad,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )

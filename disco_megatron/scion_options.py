@@ -18,6 +18,10 @@ DP_MODES: tuple[str, ...] = ("replicated", "sharded")
 QKV_SPLITS: tuple[str, ...] = ("fused", "qkv", "head")
 OUTPUT_LMOS: tuple[str, ...] = ("rownorm", "sign")
 NS_BACKENDS: tuple[str, ...] = ("ns5", "polar_express", "svd")
+NS_DTYPES: tuple[str, ...] = ("bf16", "fp32")
+# --scion-ns-dtype left unset: bf16 on CUDA (tensor cores; docs/newton_schulz_precision.md measures
+# what it costs in accuracy), fp32 on CPU (bf16 matmuls are slow there and the CPU twins compare at fp32).
+NS_DTYPE_DEFAULT_TEXT = "bf16 on CUDA, fp32 on CPU"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ScionFlags:
     weight_decay: float = 0.0
     ns_backend: str = "ns5"
     ns_steps: int = 5
+    ns_dtype: Optional[str] = None
     tp_mode: str = "owner"
     dp_mode: str = "replicated"
     qkv_split: str = "qkv"
@@ -63,7 +68,7 @@ CLIP_GRAD_HELP = ("clip the global gradient norm (all ranks, TP-replicated tenso
                   "before the update, as megatron-core does (0: off; Scion's default, as in the Scion paper)")
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "ns_backend": NS_BACKENDS, "tp_mode": TP_MODES, "dp_mode": DP_MODES, "qkv_split": QKV_SPLITS,
+    "ns_backend": NS_BACKENDS, "ns_dtype": NS_DTYPES, "tp_mode": TP_MODES, "dp_mode": DP_MODES, "qkv_split": QKV_SPLITS,
     "output_lmo": OUTPUT_LMOS,
 }
 
@@ -81,6 +86,7 @@ SCION_FLAGS: dict[str, tuple[str, type, str]] = {
     "weight_decay": ("--scion-weight-decay", float, "decoupled weight decay W <- W (1 - lr wd)"),
     "ns_backend": ("--scion-ns-backend", str, "orthogonalisation of hidden matrices (svd: exact, slow)"),
     "ns_steps": ("--scion-ns-steps", int, "Newton-Schulz iterations"),
+    "ns_dtype": ("--scion-ns-dtype", str, "Newton-Schulz compute precision"),
     "tp_mode": ("--scion-tp-mode", str,
                 "owner (exact, each matrix orthogonalised once), duplicated (all-gather baseline) or local "
                 "(shard-local approximation)"),
@@ -108,12 +114,27 @@ def add_scion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         parser.add_argument(flag, dest=dest_prefix + name, type=typ, default=default,
                             choices=choices if argparse_choices else None,
                             metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
-                            help=f"{text} (default: {'--lr' if default is None else default})")
+                            help=f"{text} (default: {_default_text(name, default)})")
+
+
+def _default_text(name: str, default: Any) -> str:
+    if name == "ns_dtype":
+        return NS_DTYPE_DEFAULT_TEXT
+    return "--lr" if default is None else str(default)
+
+
+def ns_dtype_for(ns_dtype: Optional[str], device_type: str) -> str:
+    """The Newton-Schulz precision: ``--scion-ns-dtype``, else bf16 on CUDA and fp32 elsewhere."""
+    if ns_dtype is not None:
+        return ns_dtype
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def check_option(name: str, value: Any) -> None:
     """Raise a ValueError naming ``--scion-<name>`` and the fix if ``value`` is not allowed for it."""
     flag = SCION_FLAGS[name][0]
+    if name == "ns_dtype" and value is None:
+        return  # by device: ns_dtype_for
     if name in CHOICES:
         if value not in CHOICES[name]:
             raise ValueError(f"{flag} {value}: choose one of {', '.join(CHOICES[name])}")

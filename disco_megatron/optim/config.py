@@ -43,6 +43,7 @@ class ScionConfig(OptimizerConfig):
     scion_constrained: bool = DEFAULTS.constrained
     scion_ns_backend: str = DEFAULTS.ns_backend
     scion_ns_steps: int = DEFAULTS.ns_steps
+    scion_ns_dtype: Optional[str] = DEFAULTS.ns_dtype
     scion_tp_mode: str = DEFAULTS.tp_mode
     scion_dp_mode: str = DEFAULTS.dp_mode
     scion_qkv_split: str = DEFAULTS.qkv_split
@@ -79,7 +80,7 @@ class ScionConfig(OptimizerConfig):
             momentum=self.scion_momentum, radius_embedding=self.scion_radius_embedding,
             radius_hidden=self.scion_radius_hidden, radius_output=self.scion_radius_output,
             constrained=self.scion_constrained, weight_decay=self.weight_decay, ns_backend=self.scion_ns_backend,
-            ns_steps=self.scion_ns_steps, tp_mode=self.scion_tp_mode, dp_mode=self.scion_dp_mode,
+            ns_steps=self.scion_ns_steps, ns_dtype=self.scion_ns_dtype, tp_mode=self.scion_tp_mode, dp_mode=self.scion_dp_mode,
             qkv_split=self.scion_qkv_split, output_lmo=self.scion_output_lmo)
 
     def group_lr(self, group: str) -> float:
@@ -116,7 +117,7 @@ def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, b
         scion_momentum=flags.momentum, scion_radius_embedding=flags.radius_embedding,
         scion_radius_hidden=flags.radius_hidden, scion_radius_output=flags.radius_output,
         scion_constrained=flags.constrained, weight_decay=flags.weight_decay,
-        scion_ns_backend=flags.ns_backend, scion_ns_steps=flags.ns_steps,
+        scion_ns_backend=flags.ns_backend, scion_ns_steps=flags.ns_steps, scion_ns_dtype=flags.ns_dtype,
         scion_tp_mode=flags.tp_mode, scion_dp_mode=flags.dp_mode, scion_qkv_split=flags.qkv_split,
         scion_output_lmo=flags.output_lmo, bf16=bf16, clip_grad=clip_grad,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,

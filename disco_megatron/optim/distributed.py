@@ -48,10 +48,18 @@ from disco_megatron.optim.layout import LogicalMatrix, ParamLayout
 from disco_megatron.optim.lmo import dualize_many
 from disco_megatron.optim.plan import Bucket, ExchangePlan, InPlace, build_exchange_plan
 from disco_megatron.optim.scion import apply_update_, clip_coefficient, update_momentum_
-from disco_megatron.scion_options import CLIP_GRAD_DEFAULT, DEFAULTS, GROUP_DEFAULTS, check_clip_grad
+from disco_megatron.scion_options import (
+    CLIP_GRAD_DEFAULT,
+    DEFAULTS,
+    GROUP_DEFAULTS,
+    check_clip_grad,
+    check_option,
+    ns_dtype_for,
+)
 
 # Momentum buffers and every exchanged tensor: fp32 whatever the parameters' dtype.
 STATE_DTYPE = torch.float32
+NS_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -122,13 +130,14 @@ class DistributedDualizer:
     """
 
     def __init__(self, plan: ExchangePlan, groups: StageGroups, device: torch.device,
-                 counter: CommCounter | None = None) -> None:
+                 counter: CommCounter | None = None, ns_dtype: str | None = DEFAULTS.ns_dtype) -> None:
         if dist.get_world_size(groups.tp) != plan.tp_size:
             raise ValueError(f"the exchange plan is for TP {plan.tp_size}, the TP group has "
                              f"{dist.get_world_size(groups.tp)} ranks")
         self.plan = plan
         self.groups = groups
         self.device = device
+        self.ns_dtype = NS_TORCH_DTYPES[ns_dtype_for(ns_dtype, device.type)]
         self.counter = counter if counter is not None else CommCounter()
         self.tp_rank = dist.get_rank(groups.tp)
         self.dp_rank = dist.get_rank(groups.dp)
@@ -173,7 +182,8 @@ class DistributedDualizer:
 
     def dualize(self, lmo: str, matrices: list[Tensor]) -> list[Tensor]:
         """The LMO of each matrix (same-shape spectral ones batched), with the plan's NS settings."""
-        return dualize_many(lmo, matrices, ns_backend=self.plan.ns_backend, ns_steps=self.plan.ns_steps)
+        return dualize_many(lmo, matrices, ns_backend=self.plan.ns_backend, ns_steps=self.plan.ns_steps,
+                            ns_dtype=self.ns_dtype)
 
     def dualize_in_place(self, group: InPlace, momenta: Sequence[Tensor], directions: list[Tensor]) -> None:
         """Matrices whose piece is all their LMO needs: no communication."""
@@ -251,10 +261,11 @@ class DistributedScion(torch.optim.Optimizer):
                  layouts: Mapping[Tensor, ParamLayout], groups: StageGroups, *,
                  tp_mode: str = DEFAULTS.tp_mode, dp_mode: str = DEFAULTS.dp_mode,
                  ns_backend: str = DEFAULTS.ns_backend, ns_steps: int = DEFAULTS.ns_steps,
-                 clip_grad: float = CLIP_GRAD_DEFAULT, norm_mask: Mapping[Tensor, bool] | None = None,
+                 ns_dtype: str | None = DEFAULTS.ns_dtype, clip_grad: float = CLIP_GRAD_DEFAULT, norm_mask: Mapping[Tensor, bool] | None = None,
                  **defaults: Any) -> None:
         super().__init__(params, {**GROUP_DEFAULTS, **defaults})
         check_clip_grad(clip_grad)
+        check_option("ns_dtype", ns_dtype)
         self.clip_grad = clip_grad
         self._params = [p for g in self.param_groups for p in g["params"]]
         self.device = _common_device(self._params)
@@ -271,7 +282,7 @@ class DistributedScion(torch.optim.Optimizer):
         self.plan = build_exchange_plan(self.layouts, tp_size=dist.get_world_size(groups.tp),
                                         dp_size=dist.get_world_size(groups.dp), tp_mode=tp_mode, dp_mode=dp_mode,
                                         ns_backend=ns_backend, ns_steps=ns_steps)
-        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter)
+        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter, ns_dtype)
         tp_rank = dist.get_rank(groups.tp)
         self._norm_mask = [
             norm_mask[p] if norm_mask is not None else (layout.partition_dim is not None or tp_rank == 0)

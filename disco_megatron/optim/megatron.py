@@ -85,7 +85,8 @@ class ScionOptimizer(MegatronOptimizer):
                         for g, pairs in by_group.items()]
         inner = DistributedScion(param_groups, layouts, groups, tp_mode=config.scion_tp_mode,
                                  dp_mode=config.scion_dp_mode, ns_backend=config.scion_ns_backend,
-                                 ns_steps=config.scion_ns_steps, clip_grad=config.clip_grad, norm_mask=norm_mask)
+                                 ns_steps=config.scion_ns_steps,
+                                 ns_dtype=config.scion_ns_dtype, clip_grad=config.clip_grad, norm_mask=norm_mask)
         super().__init__(inner, config, init_state_fn=lambda opt, cfg=None: opt.init_state())
         self.optimizer: DistributedScion
         self.is_stub_optimizer = False

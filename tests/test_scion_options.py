@@ -81,7 +81,9 @@ def _readme_rows() -> dict[str, str]:
     return rows
 
 
-def _as_in_readme(default: object) -> str:
+def _as_in_readme(name: str, default: object) -> str:
+    if name == "ns_dtype":
+        return scion_options.NS_DTYPE_DEFAULT_TEXT
     if default is None:
         return "`--lr`"
     if isinstance(default, bool):
@@ -94,5 +96,5 @@ def test_readme_flag_table_matches_the_options() -> None:
     assert set(rows) == {flag for flag, _, _ in SCION_FLAGS.values()}
     for name, (flag, _, _) in SCION_FLAGS.items():
         shown, choices = rows[flag]
-        assert shown == _as_in_readme(getattr(DEFAULTS, name)), flag
+        assert shown == _as_in_readme(name, getattr(DEFAULTS, name)), flag
         assert choices == (list(CHOICES[name]) if name in CHOICES else None), flag

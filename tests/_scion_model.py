@@ -97,8 +97,8 @@ class ShardedRun:
     """This rank's TP/PP shards of the model, stepped by ``DistributedScion`` configured by ``flags``."""
 
     def __init__(self, groups: StageGroups, tp: int, tp_rank: int, pp: int, pp_rank: int,
-                 flags: ScionFlags, clip_grad: float = 0.0) -> None:
-        self.tp, self.tp_rank = tp, tp_rank
+                 flags: ScionFlags, clip_grad: float = 0.0, device: torch.device | str = "cpu") -> None:
+        self.tp, self.tp_rank, self.device = tp, tp_rank, torch.device(device)
         self.names = stage_names(pp_rank, pp)
         full = full_tensors(0)
         self.params = {g: self.shard(g, full[g]) for g in self.names}
@@ -111,10 +111,12 @@ class ShardedRun:
             by_group.setdefault(layout.lr_group, []).append(p)
         self.opt = DistributedScion(
             [{"params": ps, "lr": LR[g], "radius": RADIUS[g]} for g, ps in by_group.items()], self.layouts, groups,
-            tp_mode=flags.tp_mode, dp_mode=flags.dp_mode, clip_grad=clip_grad, **optimizer_options(flags))
+            tp_mode=flags.tp_mode, dp_mode=flags.dp_mode, clip_grad=clip_grad, ns_dtype=flags.ns_dtype,
+            **optimizer_options(flags))
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return shard_full_tensor(name, full, self.tp_rank, self.tp, tp_partition_dim(name), True)
+        """This rank's shard of a full (CPU) tensor, on the run's device."""
+        return shard_full_tensor(name, full, self.tp_rank, self.tp, tp_partition_dim(name), True).to(self.device)
 
     def set_grads(self, step: int) -> None:
         grads = full_tensors(100 + step)

@@ -146,13 +146,23 @@ def _data_flags(data: tuple[str, str]) -> list[str]:
 
 
 def _train_worker(rank: int, world: int, device: str, run_dir: str, data: tuple[str, str], out: str) -> None:
-    from disco_megatron.models.fp8 import is_quantized
-
     dev = _use_device(rank, device)
     flags = [*TRAIN_MODEL[dev.type], *TRAIN_PRECISION[dev.type], "--tensor-model-parallel-size", str(world),
              "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", str(TRAIN_STEPS),
              "--log-interval", "1", "--optimizer", "scion", "--lr", "0.02", "--run-dir", run_dir, *_data_flags(data)]
     record = _run_pretrain(flags)
+    try:
+        result = _inspect_training(record)
+    finally:
+        record.clear()  # the model and optimizer hold process groups, which must die with the run
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def _inspect_training(record: dict[str, Any]) -> dict[str, Any]:
+    """Masters moved, weights equal their rounded masters, TE layers running FP8 (TE's own flag)."""
+    from disco_megatron.models.fp8 import is_quantized
+
     assert record["code"] == 0, f"disco-pretrain exited {record['code']}"
     optimizer = record["optimizer"]
     moved = [not torch.equal(s, m) for s, m in zip(record["start"], optimizer.main_params)]
@@ -167,10 +177,8 @@ def _train_worker(rank: int, world: int, device: str, run_dir: str, data: tuple[
         elif expected is None and not (weight.float() - main).norm() <= 2.0 ** -3 * main.norm():
             mismatched.append(tuple(param.shape))  # FP8 weight: within e4m3's relative spacing 2^-4 per entry
     te_layers = [m for chunk in record["chunks"] for m in chunk.modules() if hasattr(m, "fp8_meta")]
-    result = {"masters_moved": sum(moved), "masters": len(moved), "weights_off_master": mismatched,
-              "te_layers": len(te_layers), "te_fp8_layers": sum(bool(getattr(m, "fp8", False)) for m in te_layers)}
-    if rank == 0:
-        Path(out).write_text(json.dumps(result))
+    return {"masters_moved": sum(moved), "masters": len(moved), "weights_off_master": mismatched,
+            "te_layers": len(te_layers), "te_fp8_layers": sum(bool(getattr(m, "fp8", False)) for m in te_layers)}
 
 
 def check_train(device: str, nproc: int, data: tuple[str, str]) -> dict[str, Any]:
@@ -207,9 +215,11 @@ def _throughput_worker(rank: int, world: int, device: str, optimizer: str, steps
              "--optimizer", optimizer, "--lr", lr, "--run-dir", run_dir, *_data_flags(data)]
     record = _run_pretrain(flags)
     assert record["code"] == 0, f"disco-pretrain exited {record['code']}"
-    params = sum(p.numel() for chunk in record["chunks"] for p in chunk.parameters())
+    result = {"step_s": record["step_s"],
+              "params_rank0": sum(p.numel() for chunk in record["chunks"] for p in chunk.parameters())}
+    record.clear()  # the model and optimizer hold process groups, which must die with the run
     if rank == 0:
-        Path(out).write_text(json.dumps({"step_s": record["step_s"], "params_rank0": params}))
+        Path(out).write_text(json.dumps(result))
 
 
 def check_throughput(device: str, nproc: int, data: tuple[str, str], steps: int) -> list[dict[str, Any]]:

@@ -20,8 +20,9 @@ OUTPUT_LMOS: tuple[str, ...] = ("rownorm", "sign")
 NS_BACKENDS: tuple[str, ...] = ("ns5", "polar_express", "svd")
 NS_DTYPES: tuple[str, ...] = ("bf16", "fp32")
 # --scion-ns-dtype left unset: bf16 on CUDA (tensor cores; docs/newton_schulz_precision.md measures
-# what it costs in accuracy), fp32 on CPU (bf16 matmuls are slow there and the CPU twins compare at fp32).
-NS_DTYPE_DEFAULT_TEXT = "bf16 on CUDA, fp32 on CPU"
+# what it costs in accuracy), fp32 elsewhere (bf16 matmuls are slow on CPU and the CPU twins compare at fp32).
+NS_DTYPE_CUDA, NS_DTYPE_OTHER = "bf16", "fp32"
+NS_DTYPE_DEFAULT_TEXT = f"{NS_DTYPE_CUDA} on CUDA, {NS_DTYPE_OTHER} on CPU"
 
 
 @dataclass
@@ -127,7 +128,7 @@ def ns_dtype_for(ns_dtype: Optional[str], device_type: str) -> str:
     """The Newton-Schulz precision: ``--scion-ns-dtype``, else bf16 on CUDA and fp32 elsewhere."""
     if ns_dtype is not None:
         return ns_dtype
-    return "bf16" if device_type == "cuda" else "fp32"
+    return NS_DTYPE_CUDA if device_type == "cuda" else NS_DTYPE_OTHER
 
 
 def check_option(name: str, value: Any) -> None:

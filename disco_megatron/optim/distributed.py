@@ -130,14 +130,14 @@ class DistributedDualizer:
     """
 
     def __init__(self, plan: ExchangePlan, groups: StageGroups, device: torch.device,
-                 counter: CommCounter | None = None, ns_dtype: str | None = DEFAULTS.ns_dtype) -> None:
+                 counter: CommCounter | None = None) -> None:
         if dist.get_world_size(groups.tp) != plan.tp_size:
             raise ValueError(f"the exchange plan is for TP {plan.tp_size}, the TP group has "
                              f"{dist.get_world_size(groups.tp)} ranks")
         self.plan = plan
         self.groups = groups
         self.device = device
-        self.ns_dtype = NS_TORCH_DTYPES[ns_dtype_for(ns_dtype, device.type)]
+        self.ns_dtype = NS_TORCH_DTYPES[plan.ns_dtype]
         self.counter = counter if counter is not None else CommCounter()
         self.tp_rank = dist.get_rank(groups.tp)
         self.dp_rank = dist.get_rank(groups.dp)
@@ -281,8 +281,9 @@ class DistributedScion(torch.optim.Optimizer):
         self.counter = CommCounter()
         self.plan = build_exchange_plan(self.layouts, tp_size=dist.get_world_size(groups.tp),
                                         dp_size=dist.get_world_size(groups.dp), tp_mode=tp_mode, dp_mode=dp_mode,
-                                        ns_backend=ns_backend, ns_steps=ns_steps)
-        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter, ns_dtype)
+                                        ns_backend=ns_backend, ns_steps=ns_steps,
+                                        ns_dtype=ns_dtype_for(ns_dtype, self.device.type))
+        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter)
         tp_rank = dist.get_rank(groups.tp)
         self._norm_mask = [
             norm_mask[p] if norm_mask is not None else (layout.partition_dim is not None or tp_rank == 0)

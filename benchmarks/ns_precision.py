@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                        rows))
     worst = max(r["bf16_vs_fp32"] for r in records)
     print(f"largest bf16 vs fp32 update difference: {worst:.2e}")
-    write_result("ns_precision", {"records": records, "max_bf16_vs_fp32": worst},
+    write_result("ns_precision", {"quick": args.quick, "records": records, "max_bf16_vs_fp32": worst},
                  *([args.out] if args.out else []))
     return 0
 

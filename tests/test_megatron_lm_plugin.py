@@ -124,6 +124,10 @@ def test_distributed_optimizer_maps_to_scion_dp_sharded() -> None:
     assert adam.use_distributed_optimizer and adam.scion_dp_mode == "replicated"  # Adam keeps megatron's
     with pytest.raises(ValueError, match="--scion-tp-mode owner"):
         scion_config_from_args(parser.parse_args([*argv, "--scion-tp-mode", "duplicated"]))
+    from disco_megatron.optim.config import ScionConfig
+
+    direct = ScionConfig(lr=0.1, use_distributed_optimizer=True, clip_grad=1.0)  # megatron-core users' config
+    assert (direct.scion_dp_mode, direct.use_distributed_optimizer, direct.clip_grad) == ("sharded", False, 1.0)
 
 
 def test_optimizer_config_hook_uses_scion_weight_decay_and_leaves_adam_alone() -> None:

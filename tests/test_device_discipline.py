@@ -1,4 +1,4 @@
-"""Every buffer and collective of the Scion step, the norm logging and the training step is on the
+"""Every buffer and collective of the Scion step (owner, duplicated, DP-sharded), the norm logging and the training step is on the
 parameters' device (TP2 on 2 gloo processes, under the recording mode of ``tests/_device_audit.py``).
 
 On CPU a host buffer works; under NCCL it fails. The audit fails on factories without ``device=`` in
@@ -28,6 +28,8 @@ def _optimizer_and_norms_worker(rank: int, world: int, out: str) -> None:
         groups, (tp_rank, _, _) = megatron_groups(2, 1)
         runs = [ShardedRun(groups, 2, tp_rank, 1, 0, ScionFlags(tp_mode=mode, dp_mode="replicated"))
                 for mode in ("owner", "duplicated")]
+        dp_groups, _ = megatron_groups(1, 1)  # the same two processes as TP1 x DP2: the sharded exchange
+        runs.append(ShardedRun(dp_groups, 1, 0, 1, 0, ScionFlags(tp_mode="owner", dp_mode="sharded")))
         step_reads = []
         for run in runs:
             run.set_grads(0)

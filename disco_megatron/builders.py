@@ -42,7 +42,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list):
         from disco_megatron.optim.config import scion_config_from_flags
         from disco_megatron.optim.megatron import get_scion_optimizer
 
-        config = scion_config_from_flags(cfg.scion, cfg.lr, cfg.min_lr, bf16=cfg.model.bf16)
+        config = scion_config_from_flags(cfg.scion, cfg.lr, cfg.min_lr, bf16=cfg.model.bf16, clip_grad=cfg.clip_grad)
         return get_scion_optimizer(config, model_chunks)
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

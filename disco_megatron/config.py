@@ -175,7 +175,7 @@ class RunConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    clip_grad: float = 0.0
+    clip_grad: float = scion_options.CLIP_GRAD_DEFAULT
     seed: int = 1234
     data_path: Optional[str] = None
     tokenizer_model: Optional[str] = None
@@ -234,6 +234,7 @@ class RunConfig:
             raise ConfigError(f"--min-lr must be a finite number >= 0 (got {self.min_lr})")
         try:
             scion_options.validate(self.scion)
+            scion_options.check_clip_grad(self.clip_grad)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.data_path is not None and self.tokenizer_model is None:
@@ -289,7 +290,7 @@ RUN_FLAGS = {
     "adam_beta1": ("--adam-beta1", float, "Adam beta1"),
     "adam_beta2": ("--adam-beta2", float, "Adam beta2"),
     "adam_eps": ("--adam-eps", float, "Adam epsilon"),
-    "clip_grad": ("--clip-grad", float, "gradient clipping for Adam (0 = off; Scion never clips)"),
+    "clip_grad": ("--clip-grad", float, scion_options.CLIP_GRAD_HELP),
     "seed": ("--seed", int, "random seed (init, data order, dropout)"),
     "data_path": ("--data-path", str, "prefix of an indexed dataset (.bin/.idx); default: the embedded corpus"),
     "tokenizer_model": ("--tokenizer-model", str, "sentencepiece .model of --data-path; default: trained on the embedded corpus"),

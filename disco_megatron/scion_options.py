@@ -18,6 +18,11 @@ DP_MODES: tuple[str, ...] = ("replicated", "sharded")
 QKV_SPLITS: tuple[str, ...] = ("fused", "qkv", "head")
 OUTPUT_LMOS: tuple[str, ...] = ("rownorm", "sign")
 NS_BACKENDS: tuple[str, ...] = ("ns5", "polar_express", "svd")
+NS_DTYPES: tuple[str, ...] = ("bf16", "fp32")
+# --scion-ns-dtype left unset: bf16 on CUDA (tensor cores; docs/newton_schulz_precision.md measures
+# what it costs in accuracy), fp32 elsewhere (bf16 matmuls are slow on CPU and the CPU twins compare at fp32).
+NS_DTYPE_CUDA, NS_DTYPE_OTHER = "bf16", "fp32"
+NS_DTYPE_DEFAULT_TEXT = f"{NS_DTYPE_CUDA} on CUDA, {NS_DTYPE_OTHER} on CPU"
 
 
 @dataclass
@@ -39,6 +44,7 @@ class ScionFlags:
     weight_decay: float = 0.0
     ns_backend: str = "ns5"
     ns_steps: int = 5
+    ns_dtype: Optional[str] = None
     tp_mode: str = "owner"
     dp_mode: str = "replicated"
     qkv_split: str = "qkv"
@@ -54,8 +60,16 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "weight_decay": DEFAULTS.weight_decay,
 }
 
+# --clip-grad (megatron's flag, shared with Adam) for Scion: off by default, as the Scion paper
+# trains (Pethick et al. 2025, "Training Deep Learning Models with Norm-Constrained LMOs",
+# arXiv:2502.07529): an LMO step has a fixed norm whatever the gradient's size. Megatron-LM's
+# own default (1.0) is honoured when the plug-in runs inside Megatron-LM.
+CLIP_GRAD_DEFAULT: float = 0.0
+CLIP_GRAD_HELP = ("clip the global gradient norm (all ranks, TP-replicated tensors counted once) to this "
+                  "before the update, as megatron-core does (0: off; Scion's default, as in the Scion paper)")
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "ns_backend": NS_BACKENDS, "tp_mode": TP_MODES, "dp_mode": DP_MODES, "qkv_split": QKV_SPLITS,
+    "ns_backend": NS_BACKENDS, "ns_dtype": NS_DTYPES, "tp_mode": TP_MODES, "dp_mode": DP_MODES, "qkv_split": QKV_SPLITS,
     "output_lmo": OUTPUT_LMOS,
 }
 
@@ -73,6 +87,7 @@ SCION_FLAGS: dict[str, tuple[str, type, str]] = {
     "weight_decay": ("--scion-weight-decay", float, "decoupled weight decay W <- W (1 - lr wd)"),
     "ns_backend": ("--scion-ns-backend", str, "orthogonalisation of hidden matrices (svd: exact, slow)"),
     "ns_steps": ("--scion-ns-steps", int, "Newton-Schulz iterations"),
+    "ns_dtype": ("--scion-ns-dtype", str, "Newton-Schulz compute precision"),
     "tp_mode": ("--scion-tp-mode", str,
                 "owner (exact, each matrix orthogonalised once), duplicated (all-gather baseline) or local "
                 "(shard-local approximation)"),
@@ -100,12 +115,27 @@ def add_scion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         parser.add_argument(flag, dest=dest_prefix + name, type=typ, default=default,
                             choices=choices if argparse_choices else None,
                             metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
-                            help=f"{text} (default: {'--lr' if default is None else default})")
+                            help=f"{text} (default: {_default_text(name, default)})")
+
+
+def _default_text(name: str, default: Any) -> str:
+    if name == "ns_dtype":
+        return NS_DTYPE_DEFAULT_TEXT
+    return "--lr" if default is None else str(default)
+
+
+def ns_dtype_for(ns_dtype: Optional[str], device_type: str) -> str:
+    """The Newton-Schulz precision: ``--scion-ns-dtype``, else bf16 on CUDA and fp32 elsewhere."""
+    if ns_dtype is not None:
+        return ns_dtype
+    return NS_DTYPE_CUDA if device_type == "cuda" else NS_DTYPE_OTHER
 
 
 def check_option(name: str, value: Any) -> None:
     """Raise a ValueError naming ``--scion-<name>`` and the fix if ``value`` is not allowed for it."""
     flag = SCION_FLAGS[name][0]
+    if name == "ns_dtype" and value is None:
+        return  # by device: ns_dtype_for
     if name in CHOICES:
         if value not in CHOICES[name]:
             raise ValueError(f"{flag} {value}: choose one of {', '.join(CHOICES[name])}")
@@ -133,6 +163,23 @@ def check_parallel_modes(tp_mode: str, dp_mode: str) -> None:
     if dp_mode == "sharded" and tp_mode != "owner":
         raise ValueError(f"--scion-dp-mode sharded spreads matrix owners over TP×DP and needs --scion-tp-mode "
                          f"owner (got {tp_mode}); use --scion-dp-mode replicated")
+
+
+def check_clip_grad(value: float) -> None:
+    """``--clip-grad`` must be a finite number >= 0 (0: no clipping)."""
+    if not 0 <= value < math.inf:  # `not` also rejects NaN
+        raise ValueError(f"--clip-grad {value}: must be a finite number >= 0 (0 turns clipping off, "
+                         f"Scion's default)")
+
+
+def dp_mode_for(dp_mode: str, use_distributed_optimizer: bool) -> str:
+    """Scion's DP mode under megatron's ``--use-distributed-optimizer``: ``sharded``.
+
+    Megatron's flag asks to split the optimizer's work and state over DP; Scion's ``sharded``
+    mode does that (owners of the orthogonalisations spread over TP×DP), so the flag maps to it
+    instead of being refused. The DDP grads must then stay all-reduced (Scion reads whole grads).
+    """
+    return "sharded" if use_distributed_optimizer else dp_mode
 
 
 def validate(flags: ScionFlags) -> None:

@@ -69,8 +69,9 @@ def optimizer_options(flags: ScionFlags) -> dict[str, object]:
                 ns_backend=flags.ns_backend, ns_steps=flags.ns_steps)
 
 
-def reference_run(flags: ScionFlags, steps: int) -> list[dict[str, torch.Tensor]]:
-    """Full-model reference Scion: the parameters after each step (index 0: initial)."""
+def reference_run(flags: ScionFlags, steps: int, grad_scales: list[float] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Full-model reference Scion: the parameters after each step (index 0: initial); step s's
+    gradients are multiplied by ``grad_scales[s]`` when given."""
     params = {n: t.clone() for n, t in full_tensors(0).items()}
     groups: dict[tuple[str, str], list[torch.Tensor]] = {}
     row_splits = {}
@@ -86,7 +87,7 @@ def reference_run(flags: ScionFlags, steps: int) -> list[dict[str, torch.Tensor]
     for step in range(steps):
         grads = full_tensors(100 + step)
         for name, p in params.items():
-            p.grad = grads[name]
+            p.grad = grads[name] if grad_scales is None else grads[name] * grad_scales[step]
         opt.step()
         history.append({n: p.clone() for n, p in params.items()})
     return history
@@ -96,8 +97,8 @@ class ShardedRun:
     """This rank's TP/PP shards of the model, stepped by ``DistributedScion`` configured by ``flags``."""
 
     def __init__(self, groups: StageGroups, tp: int, tp_rank: int, pp: int, pp_rank: int,
-                 flags: ScionFlags) -> None:
-        self.tp, self.tp_rank = tp, tp_rank
+                 flags: ScionFlags, clip_grad: float = 0.0, device: torch.device | str = "cpu") -> None:
+        self.tp, self.tp_rank, self.device = tp, tp_rank, torch.device(device)
         self.names = stage_names(pp_rank, pp)
         full = full_tensors(0)
         self.params = {g: self.shard(g, full[g]) for g in self.names}
@@ -110,10 +111,12 @@ class ShardedRun:
             by_group.setdefault(layout.lr_group, []).append(p)
         self.opt = DistributedScion(
             [{"params": ps, "lr": LR[g], "radius": RADIUS[g]} for g, ps in by_group.items()], self.layouts, groups,
-            tp_mode=flags.tp_mode, dp_mode=flags.dp_mode, **optimizer_options(flags))
+            tp_mode=flags.tp_mode, dp_mode=flags.dp_mode, clip_grad=clip_grad, ns_dtype=flags.ns_dtype,
+            **optimizer_options(flags))
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return shard_full_tensor(name, full, self.tp_rank, self.tp, tp_partition_dim(name), True)
+        """This rank's shard of a full (CPU) tensor, on the run's device."""
+        return shard_full_tensor(name, full, self.tp_rank, self.tp, tp_partition_dim(name), True).to(self.device)
 
     def set_grads(self, step: int) -> None:
         grads = full_tensors(100 + step)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import balance  # noqa: E402
 import comm  # noqa: E402
+import ns_precision  # noqa: E402
 import step  # noqa: E402
 from _common import PRESETS  # noqa: E402
 
@@ -77,3 +78,12 @@ def test_step_quick_reports_times(tmp_path: Path) -> None:
     assert shapes == [(32, 32), (64, 64), (32, 128), (64, 256)]
     assert all(r[b] is not None and math.isfinite(r[b]) and r[b] > 0
                for r in record["newton_schulz"] for b in ("ns5", "polar_express", "svd"))
+
+
+def test_ns_precision_quick_bf16_is_near_fp32(tmp_path: Path) -> None:
+    """bf16 Newton–Schulz is within the 5e-2 parity tolerance of fp32 (docs/newton_schulz_precision.md),
+    and both are farther from the exact polar factor than from each other (ns5's design interval)."""
+    assert ns_precision.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "ns_precision")
+    for r in record["records"]:
+        assert 0 < r["bf16_vs_fp32"] < 5e-2 and r["bf16_vs_fp32"] < r["fp32_vs_exact"], r

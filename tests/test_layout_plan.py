@@ -265,6 +265,7 @@ def test_fingerprint_follows_the_plan_inputs_not_the_parameter_order() -> None:
         build_exchange_plan(_rank_layouts(2, 0, "fused"), tp_size=2),
         build_exchange_plan(layouts, tp_size=2, ns_steps=6),
         build_exchange_plan(layouts, tp_size=2, ns_backend="polar_express"),
+        build_exchange_plan(layouts, tp_size=2, ns_dtype="bf16"),
         build_exchange_plan(layouts, tp_size=2, tp_mode="duplicated"),
         build_exchange_plan(layouts, tp_size=2, dp_size=2, dp_mode="sharded"),
         build_exchange_plan(_rank_layouts(4, 0, "qkv"), tp_size=4),

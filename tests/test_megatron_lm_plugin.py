@@ -100,10 +100,35 @@ def test_scion_config_from_megatron_lm_args() -> None:
     assert [config.group_lr(g) for g in ("embedding", "hidden", "output", "gains")] == [0.08, 0.04, 0.01, 0.04]
     assert config.group_min_lr("output") == pytest.approx(0.001)
     assert (config.group_radius("hidden"), config.scion_momentum, config.scion_qkv_split) == (2.0, 0.3, "head")
-    assert config.bf16 and config.params_dtype == torch.bfloat16 and config.clip_grad == 0.0  # --clip-grad 1.0 ignored
-    for flag in ("--use-distributed-optimizer", "--fp16"):
-        with pytest.raises(ValueError, match=flag):
-            scion_config_from_args(parser.parse_args(["--optimizer", "scion", "--lr", "0.1", flag]))
+    assert config.bf16 and config.params_dtype == torch.bfloat16 and config.clip_grad == 1.0  # Megatron-LM's default
+    assert config.scion_dp_mode == "replicated" and not config.use_distributed_optimizer
+    with pytest.raises(ValueError, match="--fp16"):
+        scion_config_from_args(parser.parse_args(["--optimizer", "scion", "--lr", "0.1", "--fp16"]))
+    with pytest.raises(ValueError, match="--clip-grad"):
+        scion_config_from_args(parser.parse_args(["--optimizer", "scion", "--lr", "0.1", "--clip-grad", "-1"]))
+
+
+def test_distributed_optimizer_maps_to_scion_dp_sharded() -> None:
+    """--use-distributed-optimizer is accepted: Scion's sharded DP mode, megatron's flag off before DDP."""
+    from disco_megatron.integrations.megatron_lm import map_distributed_optimizer
+    from disco_megatron.optim.config import scion_config_from_args
+
+    parser = _scion_parser()
+    argv = ["--optimizer", "scion", "--lr", "0.1", "--use-distributed-optimizer", "--clip-grad", "1.0"]
+    config = scion_config_from_args(parser.parse_args(argv))
+    assert (config.scion_dp_mode, config.use_distributed_optimizer, config.clip_grad) == ("sharded", False, 1.0)
+    args = parser.parse_args(argv)
+    map_distributed_optimizer(args)
+    assert (args.scion_dp_mode, args.use_distributed_optimizer) == ("sharded", False)
+    adam = parser.parse_args(["--lr", "0.1", "--use-distributed-optimizer"])
+    map_distributed_optimizer(adam)
+    assert adam.use_distributed_optimizer and adam.scion_dp_mode == "replicated"  # Adam keeps megatron's
+    with pytest.raises(ValueError, match="--scion-tp-mode owner"):
+        scion_config_from_args(parser.parse_args([*argv, "--scion-tp-mode", "duplicated"]))
+    from disco_megatron.optim.config import ScionConfig
+
+    direct = ScionConfig(lr=0.1, use_distributed_optimizer=True, clip_grad=1.0)  # megatron-core users' config
+    assert (direct.scion_dp_mode, direct.use_distributed_optimizer, direct.clip_grad) == ("sharded", False, 1.0)
 
 
 def test_optimizer_config_hook_uses_scion_weight_decay_and_leaves_adam_alone() -> None:

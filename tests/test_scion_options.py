@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from disco_megatron import scion_options
-from disco_megatron.scion_options import CHOICES, DEFAULTS, SCION_FLAGS, ScionFlags
+from disco_megatron.scion_options import CHOICES, DEFAULTS, SCION_FLAGS, ScionFlags, ns_dtype_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,7 +21,10 @@ def test_every_field_has_one_flag_and_the_defaults_are_valid() -> None:
     assert list(SCION_FLAGS) == fields
     assert [flag for flag, _, _ in SCION_FLAGS.values()] == ["--scion-" + f.replace("_", "-") for f in fields]
     assert set(CHOICES) <= set(fields)
-    assert all(getattr(DEFAULTS, name) in allowed for name, allowed in CHOICES.items())
+    assert all(getattr(DEFAULTS, name) in allowed for name, allowed in CHOICES.items() if name != "ns_dtype")
+    assert DEFAULTS.ns_dtype is None  # by device: bf16 on CUDA, fp32 on CPU
+    assert (ns_dtype_for(None, "cuda"), ns_dtype_for(None, "cpu"), ns_dtype_for("fp32", "cuda")) == \
+        ("bf16", "fp32", "fp32")
     scion_options.validate(DEFAULTS)
 
 
@@ -78,7 +81,9 @@ def _readme_rows() -> dict[str, str]:
     return rows
 
 
-def _as_in_readme(default: object) -> str:
+def _as_in_readme(name: str, default: object) -> str:
+    if name == "ns_dtype":
+        return scion_options.NS_DTYPE_DEFAULT_TEXT
     if default is None:
         return "`--lr`"
     if isinstance(default, bool):
@@ -91,5 +96,5 @@ def test_readme_flag_table_matches_the_options() -> None:
     assert set(rows) == {flag for flag, _, _ in SCION_FLAGS.values()}
     for name, (flag, _, _) in SCION_FLAGS.items():
         shown, choices = rows[flag]
-        assert shown == _as_in_readme(getattr(DEFAULTS, name)), flag
+        assert shown == _as_in_readme(name, getattr(DEFAULTS, name)), flag
         assert choices == (list(CHOICES[name]) if name in CHOICES else None), flag

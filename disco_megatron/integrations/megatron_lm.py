@@ -13,6 +13,11 @@ in that source:
   adam/sgd/muon: for ``scion`` it returns a ``ScionConfig`` built from the flags. Megatron-LM's
   lr scheduler rewrites every group's weight decay from ``--start/end-weight-decay`` each step,
   so those are set to ``--scion-weight-decay``.
+- ``training.get_model`` wraps the model in DDP with ``args.use_distributed_optimizer``, which
+  would reduce-scatter the grads (each DP rank then holds a reduced shard only); Scion reads
+  whole grads and shards its own work, so for ``scion`` the flag is taken as
+  ``--scion-dp-mode sharded`` and turned off before DDP is built (:func:`map_distributed_optimizer`).
+  ``--clip-grad`` (Megatron-LM's default 1.0) clips as megatron-core's optimizers do.
 - ``get_megatron_optimizer`` (megatron-core's, and the name ``training.py`` imported) returns
   :class:`ScionOptimizer` when ``config.optimizer == "scion"``; every other optimizer goes to
   the original untouched.
@@ -39,9 +44,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from disco_megatron.config import RUN_FLAGS, RunConfig, add_flags
-from disco_megatron.scion_options import add_scion_arguments
+from disco_megatron.scion_options import add_scion_arguments, dp_mode_for
 
-__all__ = ["SCION", "add_scion_args", "install", "uninstall", "global_named_params",
+__all__ = ["SCION", "add_scion_args", "map_distributed_optimizer", "install", "uninstall", "global_named_params",
            "NormHook", "build_norm_hook", "main"]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +102,33 @@ def _get_megatron_optimizer(original: Callable) -> Callable:
         return get_scion_optimizer(config, list(model_chunks))
 
     return get_megatron_optimizer
+
+
+def map_distributed_optimizer(args: argparse.Namespace) -> None:
+    """For ``--optimizer scion``: ``--use-distributed-optimizer`` becomes ``--scion-dp-mode sharded``
+    and is turned off, so DDP all-reduces whole grads (Scion's sharded mode splits its own work).
+
+    ``--overlap-param-gather`` needs megatron's DistributedOptimizer and is refused.
+    """
+    if args.optimizer != SCION or not args.use_distributed_optimizer:
+        return
+    if getattr(args, "overlap_param_gather", False):
+        raise ValueError("--optimizer scion with --use-distributed-optimizer runs Scion's own DP-sharded mode, "
+                         "which has no parameter all-gather to overlap: drop --overlap-param-gather")
+    logger.info("--optimizer scion: --use-distributed-optimizer runs as --scion-dp-mode sharded")
+    args.scion_dp_mode = dp_mode_for(args.scion_dp_mode, True)
+    args.use_distributed_optimizer = False
+
+
+def _get_model(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_model(*args, **kwargs):
+        from megatron.training import get_args
+
+        map_distributed_optimizer(get_args())
+        return original(*args, **kwargs)
+
+    return get_model
 
 
 def _get_megatron_optimizer_config(original: Callable) -> Callable:
@@ -254,6 +286,7 @@ def install() -> bool:
     _patch(training, "get_megatron_optimizer", _get_megatron_optimizer)
     _patch(training, "get_megatron_optimizer_config", _get_megatron_optimizer_config)
     _patch(training, "setup_model_and_optimizer", _setup_model_and_optimizer)
+    _patch(training, "get_model", _get_model)
     _patch(training, "training_log", _training_log)
     _patch(importlib.import_module(_ARGUMENTS), "add_megatron_arguments", _add_megatron_arguments)
     return True

@@ -76,8 +76,11 @@ class PowerIterationState:
         v = self.vectors.get(key)
         if v is not None and v.numel() == n and v.device == device:
             return v, self.iters
-        v = torch.randn(n, generator=torch.Generator().manual_seed(_START_SEED), dtype=torch.float32)
-        return (v / v.norm()).to(device), self.first_iters
+        # Drawn on ``device`` by a generator of that device: the same vector on every rank of a
+        # group (one seed, one device type), and no host->device copy.
+        generator = torch.Generator(device=device).manual_seed(_START_SEED)
+        v = torch.randn(n, generator=generator, dtype=torch.float32, device=device)
+        return v / v.norm(), self.first_iters
 
 
 def param_partition_dim(param: torch.Tensor) -> int | None:

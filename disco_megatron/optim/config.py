@@ -6,7 +6,10 @@ read the fields they expect (``lr``, ``min_lr``, ``weight_decay``, ``bf16``, ``t
 output and gains groups have their own peak lr (gains default to the hidden lr) and share
 the hidden min/peak ratio, so one megatron schedule drives all four. Radii likewise (gains
 default to the hidden radius). Weight decay is decoupled and, as in megatron, not applied to
-1-D gains and biases (their ``wd_mult`` is 0).
+1-D gains and biases (their ``wd_mult`` is 0). ``clip_grad`` > 0 clips the global grad norm
+before the momentum update (off by default); ``use_distributed_optimizer`` selects Scion's own
+DP-sharded mode (``scion_dp_mode = "sharded"``) and is then cleared, so no megatron code treats
+Scion as megatron's DistributedOptimizer.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
 from disco_megatron import scion_options
-from disco_megatron.scion_options import DEFAULTS, SCION_FLAGS, ScionFlags
+from disco_megatron.scion_options import CLIP_GRAD_DEFAULT, DEFAULTS, SCION_FLAGS, ScionFlags, dp_mode_for
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class ScionConfig(OptimizerConfig):
     """Scion hyper-parameters and parallel modes; see the module docstring for the groups."""
 
     optimizer: str = "scion"
-    clip_grad: float = 0.0
+    clip_grad: float = CLIP_GRAD_DEFAULT
     weight_decay: float = 0.0
     scion_lr_embedding: Optional[float] = None
     scion_lr_output: Optional[float] = None
@@ -44,6 +47,7 @@ class ScionConfig(OptimizerConfig):
     scion_constrained: bool = DEFAULTS.constrained
     scion_ns_backend: str = DEFAULTS.ns_backend
     scion_ns_steps: int = DEFAULTS.ns_steps
+    scion_ns_dtype: Optional[str] = DEFAULTS.ns_dtype
     scion_tp_mode: str = DEFAULTS.tp_mode
     scion_dp_mode: str = DEFAULTS.dp_mode
     scion_qkv_split: str = DEFAULTS.qkv_split
@@ -51,13 +55,15 @@ class ScionConfig(OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.scion_dp_mode = scion_options.dp_mode_for(self.scion_dp_mode, self.use_distributed_optimizer)
+        self.use_distributed_optimizer = False
         self.validate()
 
     def validate(self) -> None:
         """Raise one ValueError naming the flag and the fix for the first bad setting.
 
         The Scion settings go through ``scion_options.validate`` (as the CLI's do); then what only a
-        megatron optimizer config has: the gains group, clipping, fp16, the distributed optimizer.
+        megatron optimizer config has: the gains group, clipping, fp16.
         """
         if self.lr is None:
             raise ValueError("--lr (the hidden-layer Scion learning rate) is required")
@@ -66,15 +72,10 @@ class ScionConfig(OptimizerConfig):
             if value is not None and not 0 <= value < math.inf:
                 raise ValueError(f"scion_{name}_gains {value}: must be a finite number >= 0 (or None: the "
                                  "hidden group's)")
-        if self.clip_grad > 0:
-            raise ValueError("Scion does not clip gradients (its updates have a fixed norm); "
-                             "set --clip-grad 0")
+        scion_options.check_clip_grad(self.clip_grad)
         if self.fp16:
             raise ValueError("Scion supports fp32 and --bf16 (fp32 master weights); --fp16 needs "
                              "loss scaling, which it does not implement: use --bf16")
-        if self.use_distributed_optimizer:
-            raise ValueError("Scion shards its own work (--scion-dp-mode sharded); drop "
-                             "--use-distributed-optimizer")
 
     def as_flags(self) -> ScionFlags:
         """The Scion settings as the flags name them (``lr`` is the hidden lr, ``weight_decay`` Scion's)."""
@@ -83,7 +84,7 @@ class ScionConfig(OptimizerConfig):
             momentum=self.scion_momentum, radius_embedding=self.scion_radius_embedding,
             radius_hidden=self.scion_radius_hidden, radius_output=self.scion_radius_output,
             constrained=self.scion_constrained, weight_decay=self.weight_decay, ns_backend=self.scion_ns_backend,
-            ns_steps=self.scion_ns_steps, tp_mode=self.scion_tp_mode, dp_mode=self.scion_dp_mode,
+            ns_steps=self.scion_ns_steps, ns_dtype=self.scion_ns_dtype, tp_mode=self.scion_tp_mode, dp_mode=self.scion_dp_mode,
             qkv_split=self.scion_qkv_split, output_lmo=self.scion_output_lmo)
 
     def group_lr(self, group: str) -> float:
@@ -104,8 +105,10 @@ class ScionConfig(OptimizerConfig):
         return float(self.scion_radius_hidden if value is None else value)
 
 
-def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, bf16: bool = False) -> ScionConfig:
-    """ScionConfig from ``ScionFlags`` (the CLI's or the Megatron-LM plug-in's) and ``--lr``/``--min-lr``.
+def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, bf16: bool = False,
+                            clip_grad: float = CLIP_GRAD_DEFAULT) -> ScionConfig:
+    """ScionConfig from ``ScionFlags`` (the CLI's or the Megatron-LM plug-in's), ``--lr``/``--min-lr``
+    and ``--clip-grad``.
 
     Every ``--scion-lr-*`` defaults to ``--lr``; gains follow the hidden lr and radius. The
     hidden group's min lr keeps the ``--min-lr``/``--lr`` ratio (so does every group).
@@ -118,9 +121,9 @@ def scion_config_from_flags(flags: ScionFlags, lr: float, min_lr: float = 0.0, b
         scion_momentum=flags.momentum, scion_radius_embedding=flags.radius_embedding,
         scion_radius_hidden=flags.radius_hidden, scion_radius_output=flags.radius_output,
         scion_constrained=flags.constrained, weight_decay=flags.weight_decay,
-        scion_ns_backend=flags.ns_backend, scion_ns_steps=flags.ns_steps,
+        scion_ns_backend=flags.ns_backend, scion_ns_steps=flags.ns_steps, scion_ns_dtype=flags.ns_dtype,
         scion_tp_mode=flags.tp_mode, scion_dp_mode=flags.dp_mode, scion_qkv_split=flags.qkv_split,
-        scion_output_lmo=flags.output_lmo, bf16=bf16,
+        scion_output_lmo=flags.output_lmo, bf16=bf16, clip_grad=clip_grad,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
 
@@ -129,12 +132,12 @@ def scion_config_from_args(args: argparse.Namespace) -> ScionConfig:
     """A validated ``ScionConfig`` from Megatron-LM's parsed arguments (with the plug-in's Scion flags).
 
     Used by the Megatron-LM plug-in to build the optimizer and by the checkpoint converter to
-    rebuild it from a saved run's ``args``.
+    rebuild it from a saved run's ``args``. ``--use-distributed-optimizer`` selects Scion's
+    DP-sharded mode; ``--clip-grad`` clips before the momentum update, as megatron-core clips.
     """
     flags = ScionFlags(**{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
-    config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16)
-    if getattr(args, "clip_grad", 0.0):
-        logger.info("--optimizer scion never clips gradients; --clip-grad %s is ignored", args.clip_grad)
-    return replace(config, fp16=args.fp16, use_distributed_optimizer=args.use_distributed_optimizer,
-                   log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+    flags.dp_mode = dp_mode_for(flags.dp_mode, getattr(args, "use_distributed_optimizer", False))
+    config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16,
+                                     clip_grad=getattr(args, "clip_grad", 0.0) or 0.0)
+    return replace(config, fp16=args.fp16, log_num_zeros_in_grad=args.log_num_zeros_in_grad,
                    barrier_with_L1_time=args.barrier_with_L1_time)

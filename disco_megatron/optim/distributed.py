@@ -47,8 +47,19 @@ from disco_megatron.optim.comm import CommCounter
 from disco_megatron.optim.layout import LogicalMatrix, ParamLayout
 from disco_megatron.optim.lmo import dualize_many
 from disco_megatron.optim.plan import Bucket, ExchangePlan, InPlace, build_exchange_plan
-from disco_megatron.optim.scion import apply_update_, update_momentum_
-from disco_megatron.scion_options import DEFAULTS, GROUP_DEFAULTS
+from disco_megatron.optim.scion import apply_update_, clip_coefficient, update_momentum_
+from disco_megatron.scion_options import (
+    CLIP_GRAD_DEFAULT,
+    DEFAULTS,
+    GROUP_DEFAULTS,
+    check_clip_grad,
+    check_option,
+    ns_dtype_for,
+)
+
+# Momentum buffers and every exchanged tensor: fp32 whatever the parameters' dtype.
+STATE_DTYPE = torch.float32
+NS_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,16 @@ class StepResult(NamedTuple):
     grad_norm: float | None
 
 
+def _common_device(params: Sequence[Tensor]) -> torch.device:
+    """The one device of ``params``: every buffer and collective of the step lives there."""
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"DistributedScion: the parameters must share one device (the collectives run "
+                         f"there), got {sorted(map(str, devices)) or 'no parameters'}; move the model "
+                         "to one device before building the optimizer")
+    return devices.pop()
+
+
 def _piece(tensor: Tensor, matrix: LogicalMatrix) -> Tensor:
     """This rank's piece of ``matrix``: its local row ranges of ``tensor``, concatenated."""
     parts = [tensor[a:b] for a, b in matrix.local_rows]
@@ -108,12 +129,15 @@ class DistributedDualizer:
     after that every call is collective over the exchange group (TP, or TP×DP when sharded).
     """
 
-    def __init__(self, plan: ExchangePlan, groups: StageGroups, counter: CommCounter | None = None) -> None:
+    def __init__(self, plan: ExchangePlan, groups: StageGroups, device: torch.device,
+                 counter: CommCounter | None = None) -> None:
         if dist.get_world_size(groups.tp) != plan.tp_size:
             raise ValueError(f"the exchange plan is for TP {plan.tp_size}, the TP group has "
                              f"{dist.get_world_size(groups.tp)} ranks")
         self.plan = plan
         self.groups = groups
+        self.device = device
+        self.ns_dtype = NS_TORCH_DTYPES[plan.ns_dtype]
         self.counter = counter if counter is not None else CommCounter()
         self.tp_rank = dist.get_rank(groups.tp)
         self.dp_rank = dist.get_rank(groups.dp)
@@ -126,7 +150,8 @@ class DistributedDualizer:
 
         Returns the (tp rank, dp rank) of each rank of the exchange group, by group rank.
         """
-        mine = torch.tensor([self.plan.fingerprint, self.tp_rank, self.dp_rank], dtype=torch.int64)
+        mine = torch.tensor([self.plan.fingerprint, self.tp_rank, self.dp_rank], dtype=torch.int64,
+                            device=self.device)
         gathered = comm.all_gather(self.counter, mine, self.groups.tp_dp)
         by_print: dict[int, list[int]] = {}
         for group_rank, t in enumerate(gathered):
@@ -157,7 +182,8 @@ class DistributedDualizer:
 
     def dualize(self, lmo: str, matrices: list[Tensor]) -> list[Tensor]:
         """The LMO of each matrix (same-shape spectral ones batched), with the plan's NS settings."""
-        return dualize_many(lmo, matrices, ns_backend=self.plan.ns_backend, ns_steps=self.plan.ns_steps)
+        return dualize_many(lmo, matrices, ns_backend=self.plan.ns_backend, ns_steps=self.plan.ns_steps,
+                            ns_dtype=self.ns_dtype)
 
     def dualize_in_place(self, group: InPlace, momenta: Sequence[Tensor], directions: list[Tensor]) -> None:
         """Matrices whose piece is all their LMO needs: no communication."""
@@ -215,9 +241,9 @@ class DistributedDualizer:
 
     def _all_to_all(self, sends: list[list[Tensor]], recv_counts: list[int]) -> list[Tensor]:
         """One all_to_all: ``sends[d]`` goes to group rank d; returns what each rank sent us."""
-        flat = [torch.cat(s) if s else torch.empty(0) for s in sends]
+        flat = [torch.cat(s) if s else torch.empty(0, dtype=STATE_DTYPE, device=self.device) for s in sends]
         inp = torch.cat(flat)
-        out = torch.empty(sum(recv_counts), dtype=inp.dtype)
+        out = torch.empty(sum(recv_counts), dtype=inp.dtype, device=inp.device)
         comm.all_to_all_single(self.counter, out, inp, recv_counts, [f.numel() for f in flat], self._group)
         return list(out.split(recv_counts))
 
@@ -235,9 +261,14 @@ class DistributedScion(torch.optim.Optimizer):
                  layouts: Mapping[Tensor, ParamLayout], groups: StageGroups, *,
                  tp_mode: str = DEFAULTS.tp_mode, dp_mode: str = DEFAULTS.dp_mode,
                  ns_backend: str = DEFAULTS.ns_backend, ns_steps: int = DEFAULTS.ns_steps,
-                 norm_mask: Mapping[Tensor, bool] | None = None, **defaults: Any) -> None:
+                 ns_dtype: str | None = DEFAULTS.ns_dtype, clip_grad: float = CLIP_GRAD_DEFAULT, norm_mask: Mapping[Tensor, bool] | None = None,
+                 **defaults: Any) -> None:
         super().__init__(params, {**GROUP_DEFAULTS, **defaults})
+        check_clip_grad(clip_grad)
+        check_option("ns_dtype", ns_dtype)
+        self.clip_grad = clip_grad
         self._params = [p for g in self.param_groups for p in g["params"]]
+        self.device = _common_device(self._params)
         missing = [tuple(p.shape) for p in self._params if p not in layouts]
         if missing:
             raise ValueError(f"DistributedScion: no layout for parameter(s) of shape {missing}")
@@ -250,8 +281,9 @@ class DistributedScion(torch.optim.Optimizer):
         self.counter = CommCounter()
         self.plan = build_exchange_plan(self.layouts, tp_size=dist.get_world_size(groups.tp),
                                         dp_size=dist.get_world_size(groups.dp), tp_mode=tp_mode, dp_mode=dp_mode,
-                                        ns_backend=ns_backend, ns_steps=ns_steps)
-        self.dualizer = DistributedDualizer(self.plan, groups, self.counter)
+                                        ns_backend=ns_backend, ns_steps=ns_steps,
+                                        ns_dtype=ns_dtype_for(ns_dtype, self.device.type))
+        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter)
         tp_rank = dist.get_rank(groups.tp)
         self._norm_mask = [
             norm_mask[p] if norm_mask is not None else (layout.partition_dim is not None or tp_rank == 0)
@@ -260,16 +292,19 @@ class DistributedScion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> StepResult:  # type: ignore[override]
-        """One Scion step: check grads -> momentum -> exchange -> update.
+        """One Scion step: check grads -> clip -> momentum -> exchange -> update.
 
         The skip rule: a non-finite grad on any rank skips the step on every rank (parameters and
-        momentum unchanged, ``stepped`` False); a missing grad raises on every rank.
+        momentum unchanged, ``stepped`` False); a missing grad raises on every rank. With
+        ``clip_grad`` > 0 the gradients enter the momentum scaled as megatron-core's
+        ``clip_grad_by_total_norm_fp32`` scales them (the grads themselves are left as they are);
+        the returned grad norm is the one before clipping, as megatron reports it.
         """
         self.counter.start_step()
         check = self.check_grads()
         if not check.finite:
             return StepResult(False, None)
-        momenta = self.update_momenta()
+        momenta = self.update_momenta(clip_coefficient(check.grad_norm, self.clip_grad))
         directions = self.dualizer(momenta)
         self.update_params(directions)
         return StepResult(True, check.grad_norm)
@@ -278,9 +313,11 @@ class DistributedScion(torch.optim.Optimizer):
         """Finiteness and global grad norm with one all-reduce over ``world``.
 
         Replicated tensors count once per TP group (``norm_mask``), DP replicas are divided
-        out. A missing grad raises on every rank (the flag travels in the same all-reduce).
+        out. A missing grad raises on every rank (the flag travels in the same all-reduce). The
+        statistics live on the parameters' device; reading them is the step's one device->host
+        copy (three numbers).
         """
-        stats = torch.zeros(3, dtype=torch.float64)
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         missing = []
         for p, layout, counted in zip(self._params, self.layouts, self._norm_mask):
             if p.grad is None or p.grad.shape != p.shape:
@@ -292,22 +329,24 @@ class DistributedScion(torch.optim.Optimizer):
                 stats[0] += p.grad.double().square().sum()
         stats[2] = len(missing)
         comm.all_reduce(self.counter, stats, self.groups.world)
-        if stats[2] > 0:
+        sum_squares, non_finite, lacking = stats.tolist()
+        if lacking > 0:
             raise ValueError(
                 "Scion step: every parameter handed to the optimizer needs a gradient of its "
                 f"shape; {'here: ' + ', '.join(missing) if missing else 'another rank lacks one'}"
                 " (freeze unused parameters with requires_grad=False)"
             )
-        if stats[1] > 0:
+        if non_finite > 0:
             return GradCheck(False, math.nan)
-        return GradCheck(True, math.sqrt(float(stats[0]) / dist.get_world_size(self.groups.dp)))
+        return GradCheck(True, math.sqrt(sum_squares / dist.get_world_size(self.groups.dp)))
 
-    def update_momenta(self) -> list[Tensor]:
-        """d ← (1−α)·d + α·g for every parameter (fp32, sharded like it); returns the buffers."""
+    def update_momenta(self, grad_scale: float = 1.0) -> list[Tensor]:
+        """d ← (1−α)·d + α·s·g for every parameter (fp32, sharded like it; s: the clip
+        coefficient, 1 without clipping); returns the buffers."""
         self.init_state()
         for group in self.param_groups:
             for p in group["params"]:
-                update_momentum_(self.state[p]["momentum_buffer"], p.grad, group["momentum"])
+                update_momentum_(self.state[p]["momentum_buffer"], p.grad, group["momentum"], grad_scale)
         return [self.state[p]["momentum_buffer"] for p in self._params]
 
     def update_params(self, directions: Sequence[Tensor]) -> None:
@@ -322,7 +361,7 @@ class DistributedScion(torch.optim.Optimizer):
         """Create zero momentum for every parameter (checkpoint loading needs the tensors)."""
         for p in self._params:
             if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=STATE_DTYPE)
 
     def comm_stats(self) -> dict[str, object]:
         """Bytes sent/received by this rank per collective kind, last step and total."""

@@ -86,12 +86,13 @@ class ScionOptimizer(MegatronOptimizer):
                         for g, pairs in by_group.items()]
         inner = DistributedScion(param_groups, layouts, groups, tp_mode=config.scion_tp_mode,
                                  dp_mode=config.scion_dp_mode, ns_backend=config.scion_ns_backend,
-                                 ns_steps=config.scion_ns_steps, norm_mask=norm_mask)
+                                 ns_steps=config.scion_ns_steps,
+                                 ns_dtype=config.scion_ns_dtype, clip_grad=config.clip_grad, norm_mask=norm_mask)
         super().__init__(inner, config, init_state_fn=lambda opt, cfg=None: opt.init_state())
         self.optimizer: DistributedScion
         self.is_stub_optimizer = False
         self.grad_stats_parallel_group = groups.world
-        self._scale_one = torch.ones(1)
+        self._scale_one = torch.ones(1, device=inner.device)  # megatron reads it where the grads are
         self._last_step: Optional[StepResult] = None
 
     @staticmethod
@@ -120,7 +121,8 @@ class ScionOptimizer(MegatronOptimizer):
 
     @torch.no_grad()
     def step(self) -> tuple[bool, Optional[float], Optional[int]]:
-        """megatron's template: prepare_grads -> (Scion never clips) -> step_with_ready_grads.
+        """megatron's template: prepare_grads -> step_with_ready_grads (which clips, with
+        ``--clip-grad`` > 0, inside the Scion step: its grad-norm all-reduce is also the clip's).
 
         ``success`` is False when a non-finite grad anywhere made every rank skip the step.
         """

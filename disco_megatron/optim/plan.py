@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from disco_megatron.optim.layout import LogicalMatrix, ParamLayout, needs_whole
 from disco_megatron.optim.newton_schulz import ns_flops
-from disco_megatron.scion_options import DEFAULTS, check_option, check_parallel_modes
+from disco_megatron.scion_options import DEFAULTS, NS_DTYPE_OTHER, NS_DTYPES, check_option, check_parallel_modes
 
 
 def plan_owners(matrices: Sequence[tuple[str, int, int]], ranks: Sequence[int],
@@ -124,6 +124,7 @@ class ExchangePlan:
     dp_mode: str
     ns_backend: str
     ns_steps: int
+    ns_dtype: str
     tp_size: int
     slots: int
     in_place: tuple[InPlace, ...]
@@ -157,8 +158,12 @@ def _exchanged(matrix: LogicalMatrix, lmo: str, tp_mode: str, dp_mode: str, tp_s
 
 def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size: int = 1,
                         tp_mode: str = DEFAULTS.tp_mode, dp_mode: str = DEFAULTS.dp_mode,
-                        ns_backend: str = DEFAULTS.ns_backend, ns_steps: int = DEFAULTS.ns_steps) -> ExchangePlan:
+                        ns_backend: str = DEFAULTS.ns_backend, ns_steps: int = DEFAULTS.ns_steps,
+                        ns_dtype: str = NS_DTYPE_OTHER) -> ExchangePlan:
     """The plan for the parameter shards ``layouts`` of one rank (pure; see the module docstring).
+
+    ``ns_dtype`` is the resolved Newton–Schulz precision (``scion_options.ns_dtype_for``): part of
+    the fingerprint, so ranks that would round differently refuse to run together.
 
     The buckets hold only matrices that are not local to a rank, whose keys and shapes are the
     same on every TP rank, so every rank of the exchange group gets the same buckets and owners.
@@ -166,6 +171,8 @@ def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size
     check_parallel_modes(tp_mode, dp_mode)
     check_option("ns_backend", ns_backend)
     check_option("ns_steps", ns_steps)
+    if ns_dtype not in NS_DTYPES:
+        raise ValueError(f"--scion-ns-dtype {ns_dtype}: choose one of {', '.join(NS_DTYPES)}")
     whole: dict[tuple[str, tuple[int, ...], int], list[PlannedMatrix]] = {}
     in_place: dict[str, list[PlannedMatrix]] = {}
     for index, layout in enumerate(layouts):
@@ -182,7 +189,9 @@ def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size
     buckets = tuple(Bucket(lmo, shape, cdim, entries, tuple(owners[e.matrix.key] for e in entries) if owners else ())
                     for (lmo, shape, cdim), entries in grouped)
     specs = tuple((*spec, tuple(e.matrix.key for e in entries)) for spec, entries in grouped)
-    return ExchangePlan(tp_mode=tp_mode, dp_mode=dp_mode, ns_backend=ns_backend, ns_steps=ns_steps, tp_size=tp_size,
+    return ExchangePlan(tp_mode=tp_mode, dp_mode=dp_mode, ns_backend=ns_backend, ns_steps=ns_steps,
+                        ns_dtype=ns_dtype, tp_size=tp_size,
                         slots=slots, in_place=tuple(InPlace(lmo, tuple(e)) for lmo, e in in_place.items()),
                         buckets=buckets,
-                        fingerprint=plan_fingerprint(tp_mode, dp_mode, ns_backend, ns_steps, tp_size, specs))
+                        fingerprint=plan_fingerprint(tp_mode, dp_mode, ns_backend, ns_steps, ns_dtype, tp_size,
+                                                     specs))

@@ -8,8 +8,10 @@ Per parameter, with α = ``momentum`` (weight of the NEW gradient), ρ = ``radiu
     W ← (1−lr)·W − lr·ρ·dualize(d)         (constrained)
     W ← W − lr·ρ·dualize(d)                (unconstrained)
 
-No gradient clipping, no Adam moments: one momentum buffer per parameter, in fp32 (fp64 for
-fp64 parameters).
+No Adam moments: one momentum buffer per parameter, in fp32 (fp64 for fp64 parameters). This
+reference does not clip; the distributed optimizer's optional clipping (``--clip-grad``) scales
+the gradient by :func:`clip_coefficient` before the momentum update, which equals this
+reference stepped on the clipped gradients.
 """
 
 from __future__ import annotations
@@ -31,9 +33,18 @@ SCION_DEFAULTS: dict[str, Any] = {
 }
 
 
-def update_momentum_(buf: Tensor, grad: Tensor, momentum: float) -> None:
-    """d ← (1−α)·d + α·g in place, α = ``momentum`` (the weight of the new gradient)."""
-    buf.mul_(1.0 - momentum).add_(grad, alpha=momentum)
+def update_momentum_(buf: Tensor, grad: Tensor, momentum: float, grad_scale: float = 1.0) -> None:
+    """d ← (1−α)·d + α·s·g in place, α = ``momentum`` (the weight of the new gradient), s =
+    ``grad_scale`` (a clip coefficient; scaling here spares a pass over the gradient)."""
+    buf.mul_(1.0 - momentum).add_(grad, alpha=momentum * grad_scale)
+
+
+def clip_coefficient(grad_norm: float, max_norm: float) -> float:
+    """The factor megatron-core's ``clip_grad_by_total_norm_fp32`` scales gradients by:
+    max_norm / (‖g‖ + 1e-6) when that is below 1, else 1 (and 1 when ``max_norm`` is 0: off)."""
+    if max_norm <= 0.0:
+        return 1.0
+    return min(1.0, max_norm / (grad_norm + 1.0e-6))
 
 
 def apply_update_(param: Tensor, direction: Tensor, *, lr: float, radius: float,

@@ -183,7 +183,7 @@ def _inspect_training(record: dict[str, Any]) -> dict[str, Any]:
 
 def check_train(device: str, nproc: int, data: tuple[str, str]) -> dict[str, Any]:
     """30 disco-pretrain steps (FP8 on CUDA); raises unless every assertion of the module docstring holds."""
-    from disco_megatron.training.launch import read_train_log
+    from disco_megatron.launcher import read_train_log
 
     with tempfile.TemporaryDirectory() as tmp:
         out, run_dir = os.path.join(tmp, "train.json"), os.path.join(tmp, "run")
@@ -224,7 +224,7 @@ def _throughput_worker(rank: int, world: int, device: str, optimizer: str, steps
 
 def check_throughput(device: str, nproc: int, data: tuple[str, str], steps: int) -> list[dict[str, Any]]:
     """Scion vs Adam rows: tokens/s (median over the steps after the first two), MFU, optimizer step time."""
-    from disco_megatron.training.launch import read_train_log
+    from disco_megatron.launcher import read_train_log
 
     rows = []
     for optimizer in ("scion", "adam"):

@@ -236,3 +236,34 @@ def test_killed_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     again = train_losses(resumed)
     assert sorted(again) == list(range(start + 1, 13))
     assert [again[i] for i in range(start + 1, max(lost) + 1)] == [lost[i] for i in range(start + 1, max(lost) + 1)]
+
+
+def test_a_signal_to_one_rank_checkpoints_every_rank_and_resume_is_bit_exact(tmp_path):
+    """SIGUSR1 to rank 1 only of a TP2 run after step 4: both ranks stop after the same step, save it
+    and exit with code 75; resumed, the losses from step 5 on are bit-identical to an uninterrupted run's."""
+    from disco_megatron.config import PREEMPTED_EXIT_CODE
+
+    iters = 30
+    reference, first, resumed = tmp_path / "reference", tmp_path / "first", tmp_path / "resumed"
+    result = torchrun(2, _args(reference, iters, *TP2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
+        launcher = subprocess.Popen(torchrun_command(_args(first, iters, *TP2), 2), stdout=out, stderr=err,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            _wait_for(lambda: _logged_iterations(first) >= 4 or launcher.poll() is not None, 300, "iteration 4")
+            os.kill(_workers(psutil.Process(launcher.pid))[1].pid, signal.SIGUSR1)
+            assert launcher.wait(timeout=EXIT_LIMIT_S) != 0
+        finally:
+            _kill_tree(launcher)
+    exit_codes = dict(re.findall(r"rank\s+: (\d) \(local_rank: \d\)\n\s+exitcode\s+: (-?\d+)",
+                                 (tmp_path / "first.err").read_text()))
+    assert set(exit_codes.values()) == {str(PREEMPTED_EXIT_CODE)}, (tmp_path / "first.err").read_text()[-3000:]
+    stopped = int(_latest(first / "checkpoints"))
+    assert 5 <= stopped < iters and max(train_losses(first)) == stopped
+    assert f"checkpointing at iteration {stopped}" in (tmp_path / "first.out").read_text()
+    result = torchrun(2, _args(resumed, iters, *TP2, "--load", str(first / "checkpoints")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, combined = train_losses(reference), {**train_losses(first), **train_losses(resumed)}
+    assert sorted(combined) == list(range(1, iters + 1))
+    assert [combined[i] for i in range(5, iters + 1)] == [expected[i] for i in range(5, iters + 1)]

@@ -49,9 +49,15 @@ def pretrain(cfg: RunConfig, dp: int) -> dict:
     wall_start = time.perf_counter()
     watch = PreemptionWatch()  # from the start: a signal during setup stops the run after its first step
     try:
-        return _train(setup_run(cfg, dp), watch, wall_start)
-    finally:
-        watch.close()  # after the last save: a second signal must not cut it short
+        summary = _train(setup_run(cfg, dp), watch, wall_start)
+    except BaseException:
+        watch.close()
+        raise
+    # A preempted run keeps noting the signals until it exits: torchrun sends SIGTERM to the ranks still
+    # tearing down once the first has exited, and they should exit with the same code.
+    if not summary["preempted"]:
+        watch.close()
+    return summary
 
 
 def _train(run: Run, watch: PreemptionWatch, wall_start: float) -> dict:

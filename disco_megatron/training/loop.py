@@ -51,7 +51,7 @@ def pretrain(cfg: RunConfig, dp: int) -> dict:
     try:
         summary = _train(setup_run(cfg, dp), watch, wall_start)
     except BaseException:
-        watch.close()
+        watch.close_after_failure()
         raise
     # A preempted run keeps noting the signals until it exits: torchrun sends SIGTERM to the ranks still
     # tearing down once the first has exited, and they should exit with the same code.

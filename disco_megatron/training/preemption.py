@@ -36,3 +36,11 @@ class PreemptionWatch:
         """Restore the handlers that were installed before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def close_after_failure(self) -> None:
+        """Restore the handlers, then deliver again a signal that was noted: a run failing after one (torchrun
+        stops the other ranks with SIGTERM when a rank died, and their collectives fail) ends as it would
+        have without the watch, by the signal, not with a traceback of the failed collective."""
+        self.close()
+        if self.received is not None:
+            signal.raise_signal(self.received)

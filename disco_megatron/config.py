@@ -6,6 +6,7 @@ validated :class:`RunConfig`, raising :class:`ConfigError` with a message that n
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp_size: int = 1
         raise ValueError(f"--tensor-model-parallel-size {tp_size}: must be positive")
     multiple = divisible_by * tp_size
     return -(-vocab_size // multiple) * multiple
+
+
+# Exit code of a run that a SIGUSR1/SIGTERM stopped after it saved a checkpoint (sysexits' EX_TEMPFAIL:
+# "try again later"); 2 is a bad input, 1 a crash.
+PREEMPTED_EXIT_CODE = 75
 
 
 class ConfigError(ValueError):
@@ -330,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="disco-pretrain",
         description="Pretrain a GPT with megatron-core and the distributed Scion optimizer. "
         "Launch with torchrun; world size = TP x PP x DP.",
+        epilog=f"Exit codes: 0 done; 2 bad flags or files (one error line per rank); {PREEMPTED_EXIT_CODE} "
+        "stopped by SIGUSR1 or SIGTERM (Slurm --signal, or forwarded by torchrun): every rank finished the "
+        "step in progress and the checkpoint was saved to --save, resume with --load; 1 any other failure.",
     )
+    parser.add_argument("--config", metavar="RUN_CONFIG_JSON",
+                        help=f"repeat a run: the flags recorded in its {RunDir.run_config.name}, then the flags "
+                        "given here; a new --run-dir also moves the checkpoints and TensorBoard it implied")
     run_defaults, model_defaults = RunConfig(), ModelConfig()
     model = parser.add_argument_group("model")
     add_flags(model, MODEL_FLAGS, model_defaults, "model.")
@@ -369,9 +381,36 @@ CHOICES = {
 }
 
 
+def recorded_flags(path: str) -> dict[str, Any]:
+    """Parser defaults from a run's ``run_config.json`` (``--config``): every flag it recorded, except
+    what was derived from the run rather than given: ``--save``/``--tensorboard-dir`` inside its run
+    dir (derived again from the ``--run-dir`` in force) and the embedded corpus's tokenizer."""
+    try:
+        with open(path) as f:
+            cfg = RunConfig.from_dict(json.load(f))
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror}); pass a run's "
+                          f"{RunDir.run_config.name}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--config {path}: not a disco-pretrain {RunDir.run_config.name} ({exc})") from None
+    if cfg.run_dir:
+        implied = RunDir(cfg.run_dir)
+        cfg.save = None if cfg.save == implied.checkpoints else cfg.save
+        cfg.tensorboard_dir = None if cfg.tensorboard_dir == implied.tensorboard else cfg.tensorboard_dir
+    if cfg.data_path is None:
+        cfg.tokenizer_model = None  # the embedded corpus's, recorded by the run: it trains its own
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "scion")}
+    values.update({f"model.{k}": v for k, v in asdict(cfg.model).items()})
+    values.update({f"scion.{k}": v for k, v in asdict(cfg.scion).items()})
+    return values
+
+
 def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
-    """Parse flags into a RunConfig; unknown flags and bad choices raise ConfigError."""
+    """Parse flags (after those of ``--config``) into a RunConfig; unknown flags and bad choices raise ConfigError."""
     parser = build_parser()
+    namespace, _ = parser.parse_known_args(argv)
+    if namespace.config is not None:
+        parser.set_defaults(**recorded_flags(namespace.config))
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see disco-pretrain --help)")

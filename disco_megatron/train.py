@@ -1,7 +1,8 @@
 """``python -m disco_megatron.train`` / ``disco-pretrain``: pretraining entry point (launch with torchrun).
 
 Every bad input ends the same way on every rank: one ``disco-pretrain: error`` line naming the
-flag or file, exit code 2, no traceback wall and no hang.
+flag or file, exit code 2, no traceback wall and no hang. A run stopped by SIGUSR1/SIGTERM saves
+its checkpoint and exits with ``PREEMPTED_EXIT_CODE`` (75) on every rank.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def check_files(cfg: "RunConfig") -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from disco_megatron.config import ConfigError, parse_run_config
+    from disco_megatron.config import PREEMPTED_EXIT_CODE, ConfigError, parse_run_config
 
     try:  # before torch loads: bad flags and sizes are reported at once
         cfg = parse_run_config(argv)
@@ -84,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from disco_megatron.training.loop import pretrain
 
     try:
-        pretrain(cfg, dp)
+        summary = pretrain(cfg, dp)
     except (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as exc:
         destroy_parallel(synchronize=False)  # a peer may never reach the teardown barrier
         return _fail(str(exc))
@@ -92,6 +93,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         destroy_parallel(synchronize=False)
         raise
     destroy_parallel()
+    if summary["preempted"]:
+        # Skip the interpreter's teardown: it takes seconds, the time limit is near, and it restores the
+        # default SIGTERM action, so torchrun's SIGTERM (sent once the first rank has exited) would end a
+        # slower rank with -15 instead of this code. The checkpoint and the run's files are closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PREEMPTED_EXIT_CODE)
     return 0
 
 

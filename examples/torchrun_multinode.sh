@@ -15,6 +15,8 @@
 #   RUN_DIR         optional; passes --run-dir RUN_DIR and, when RUN_DIR/checkpoints holds a
 #                   latest_checkpointed_iteration.txt pointer, --load RUN_DIR/checkpoints (resume)
 #   TORCHRUN        launcher command (default torchrun)
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives its workers to checkpoint after forwarding them a
+#                   SIGTERM/SIGUSR1 before it kills them (default 100; pretrain.sbatch signals 120 s early)
 #   DRY_RUN=1       print the command instead of running it
 # Arguments are training flags for python -m disco_megatron.train (Megatron-LM names).
 set -euo pipefail
@@ -68,6 +70,11 @@ if [[ -n "${RUN_DIR:-}" ]]; then
         train_args+=(--load "$RUN_DIR/checkpoints")
     fi
 fi
+
+# torchrun forwards SIGUSR1 too (Slurm's preemption signal, not among its defaults) and waits for the
+# workers to save: they finish the step, checkpoint and exit with code 75.
+export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+export PET_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-100}"
 
 cmd=("$TORCHRUN"
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE"

@@ -58,6 +58,11 @@ def _copy_dataset(prefix: str, dst: Path, truncated_ext: str) -> str:
     return str(dst / "data")
 
 
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 def _fake_checkpoints(root: Path, iterations: tuple[int, ...]) -> str:
     for iteration in iterations:
         (root / f"iter_{iteration:07d}").mkdir(parents=True)
@@ -106,6 +111,10 @@ PARSE_CASES = {
         ["--data-path", str(t / "data.bin"), "truncated"]),
     "load_missing_dir": lambda t, d: (["--load", str(t / "nope")], ["--load", str(t / "nope")]),
     "ckpt_step_without_load": lambda t, d: (["--ckpt-step", "3"], ["--ckpt-step 3", "--load"]),
+    "missing_config": lambda t, d: (["--config", str(t / "run_config.json")],
+                                    ["--config", str(t / "run_config.json"), "No such file"]),
+    "config_not_a_run_config": lambda t, d: (["--config", _write(t / "other.json", '{"lr": 1}')],
+                                             ["--config", str(t / "other.json"), "not a disco-pretrain"]),
     "ckpt_step_not_saved": lambda t, d: (
         ["--load", _fake_checkpoints(t, (2, 4)), "--ckpt-step", "3"],
         ["--ckpt-step 3", "iter_0000003", "saved iterations", "2, 4"]),

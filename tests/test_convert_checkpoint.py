@@ -42,10 +42,10 @@ def scion_run(tmp_path_factory, embedded_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(scion_run, embedded_data, tmp_path_factory) -> Path:
+def hf_dir(scion_run, tmp_path_factory) -> Path:
+    """The export of the TP2xPP2 run, its tokenizer taken from the run's run_config.json."""
     out = tmp_path_factory.mktemp("hf") / "model"
-    assert _convert("to-hf", "--load", scion_run / "checkpoints", "--out", out,
-                    "--tokenizer-model", embedded_data[1]) == 0
+    assert _convert("to-hf", "--load", scion_run / "checkpoints", "--out", out) == 0
     return out
 
 
@@ -68,7 +68,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
 
 
-def test_to_hf_logits_equal_megatron(scion_run, hf_dir, embedded_data):
+def test_to_hf_logits_equal_megatron(scion_run, hf_dir):
     """transformers' LlamaForCausalLM on the export == the TP1 megatron model loaded from the TP2xPP2 checkpoint."""
     transformers = pytest.importorskip("transformers")
     from disco_megatron.checkpoint.convert import load_full_model, single_process_parallel
@@ -91,12 +91,55 @@ def test_to_hf_logits_equal_megatron(scion_run, hf_dir, embedded_data):
     print(f"max |HF logits - megatron logits| = {diff:.3e} (logit scale {reference.abs().max().item():.2f})")
     assert diff <= 1e-4
 
+
+
+def test_to_hf_tokenizer_gives_the_sentencepiece_ids_of_corpus_text(hf_dir, embedded_data):
+    """AutoTokenizer on the export (the tokenizer the run recorded) == sentencepiece, on stdlib source
+    documents (the most whitespace-heavy among them included) and on odd whitespace and unicode."""
+    transformers = pytest.importorskip("transformers")
     import sentencepiece
 
+    from disco_megatron.data.corpus import build_embedded_corpus, read_jsonl_texts
+
+    assert (hf_dir / "tokenizer.model").read_bytes() == Path(embedded_data[1]).read_bytes()
     sp = sentencepiece.SentencePieceProcessor(model_file=embedded_data[1])
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    text = "def f(x):\n    return  x + 1  # two  spaces\n"
-    assert tokenizer.encode(text, add_special_tokens=False) == sp.encode(text)
+    documents = [text for _, text in zip(range(400), read_jsonl_texts(build_embedded_corpus().path))]
+    whitespace_heavy = max(documents, key=lambda t: sum(c.isspace() for c in t) / max(len(t), 1))
+    texts = [*documents[:20], whitespace_heavy, "def f(x):\n\tif x:\n\t\treturn  x + 1  # two  spaces\n\n\n",
+             "  leading spaces", "trailing   \n", "ünïcödé 🙂 € \x00"]
+    assert sum(c.isspace() for c in whitespace_heavy) > 0.3 * len(whitespace_heavy)
+    for text in texts:
+        assert tokenizer.encode(text, add_special_tokens=False) == sp.encode(text), text[:200]
+        assert tokenizer.decode(sp.encode(text)) == text
+
+
+def test_to_hf_loss_on_a_validation_batch_equals_megatron(scion_run, hf_dir, embedded_data):
+    """LlamaForCausalLM's loss on a validation batch == the megatron model's loss on it (loaded from the
+    TP2xPP2 checkpoint at TP1), both masked means of next-token cross entropy."""
+    transformers = pytest.importorskip("transformers")
+    from disco_megatron.checkpoint.convert import load_full_model, single_process_parallel
+    from disco_megatron.data import SentencePieceTokenizer, build_gpt_datasets, micro_batches
+
+    with single_process_parallel():
+        _, valid, _ = build_gpt_datasets(embedded_data[0], SentencePieceTokenizer(embedded_data[1]), SEQ,
+                                         (16, 16, 0), "98,2,0", 1234, str(scion_run / "index"))
+        batch = next(micro_batches(valid, 4))
+        model, cfg = load_full_model(str(scion_run / "checkpoints"))
+        model.eval()
+        with torch.no_grad():
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+    megatron_loss = (per_token.float() * mask).sum() / mask.sum()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).float().eval()
+    with torch.no_grad():
+        logits = hf(batch["tokens"]).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                                           reduction="none")
+    hf_loss = (ce * mask.reshape(-1)).sum() / mask.sum()
+    diff = abs(hf_loss.item() - megatron_loss.item())
+    print(f"validation batch loss: HF {hf_loss.item():.6f}, megatron {megatron_loss.item():.6f}, |diff| {diff:.3e}")
+    assert diff <= 1e-4 and 4 < megatron_loss.item() < 9
 
 
 def test_from_hf_to_hf_round_trip_is_bit_identical(hf_dir, tmp_path, capsys):
@@ -111,6 +154,7 @@ def test_from_hf_to_hf_round_trip_is_bit_identical(hf_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert not (save / "stale").exists() and (save / "latest_checkpointed_iteration.txt").read_text() == "0"
     flags = printed.split("--no-load-optim", 1)[1].splitlines()[0].split()
+    assert flags[-2:] == ["--tokenizer-model", str(hf_dir / "tokenizer.model")]
     _, common = read_common_state(str(save))
     assert "optimizer_type" not in common and common["train_state"]["iteration"] == 0
     check_compatible(str(save), common["model_config"], asdict(parse_run_config(flags).model))

@@ -2,6 +2,7 @@
 Slurm and torchrun launchers (with stub srun/scontrol for the non-dry paths), and real CPU launches."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ TINY_MODEL = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-si
               "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]
 # Variables the launchers read; cleared so the caller's shell (or a real Slurm job) cannot leak in.
 _LAUNCH_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RUN_DIR", "DRY_RUN",
-                "GPUS_PER_NODE", "HOSTNAMES", "RUNS_ROOT", "DISCO_ROOT", "TORCHRUN")
+                "GPUS_PER_NODE", "HOSTNAMES", "RUNS_ROOT", "DISCO_ROOT", "TORCHRUN", "SHUTDOWN_TIMEOUT")
 
 
 def _env(**overrides: str) -> dict[str, str]:
@@ -244,6 +245,15 @@ def test_torchrun_dry_run_builds_the_command(node_rank: int) -> None:
     assert _train_args(tokens) == TRAIN_FLAGS
 
 
+def test_torchrun_forwards_usr1_and_waits_for_the_save(tmp_path: Path) -> None:
+    """torchrun (here a stub printing what it reads) is told to forward SIGUSR1 to its workers, not only its
+    default signals, and to wait SHUTDOWN_TIMEOUT seconds for them to checkpoint."""
+    _stub(tmp_path, "torchrun", 'echo "$PET_SIGNALS_TO_HANDLE $PET_SHUTDOWN_TIMEOUT"\n')
+    env = _env(NPROC_PER_NODE="1", TORCHRUN=str(tmp_path / "torchrun"))
+    assert _run(TORCHRUN_SH, [], env).stdout.split() == ["SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "100"]
+    assert _run(TORCHRUN_SH, [], {**env, "SHUTDOWN_TIMEOUT": "300"}).stdout.split()[1] == "300"
+
+
 def test_torchrun_node_rank_defaults_to_slurm_nodeid() -> None:
     result = _run(TORCHRUN_SH, [], _env(DRY_RUN="1", NNODES="4", SLURM_NODEID="3", NPROC_PER_NODE="2"))
     assert _option(shlex.split(result.stdout), "--node-rank") == "3"
@@ -405,9 +415,14 @@ def test_sbatch_runs_the_printed_srun_command(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "job").is_dir()
 
 
-def test_sbatch_requeues_on_usr1(tmp_path: Path) -> None:
-    # The stub lets go of the job's stderr, so reading it ends when the batch shell exits.
-    env = _job_env(tmp_path, f"echo $$ > {tmp_path}/srun.pid; exec sleep 60 </dev/null >/dev/null 2>&1\n")
+def test_sbatch_forwards_usr1_to_srun_then_requeues(tmp_path: Path) -> None:
+    """USR1 to the batch shell reaches srun (which forwards it to the trainers); the job is requeued once
+    srun has ended, so the trainers' checkpoint is complete before the job leaves."""
+    # The stub lets go of the job's stderr, so reading it ends when the batch shell exits; on USR1 it
+    # records the signal (after a pause, as a save would take) and ends.
+    env = _job_env(tmp_path, f"echo $$ > {tmp_path}/srun.pid; exec </dev/null >/dev/null 2>&1\n"
+                             f"trap 'kill $!; sleep 0.5; echo USR1 > {tmp_path}/srun.signal; exit 75' USR1\n"
+                             "sleep 60 & wait $!\n")
     job = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     pid_file = tmp_path / "srun.pid"
     try:
@@ -415,13 +430,16 @@ def test_sbatch_requeues_on_usr1(tmp_path: Path) -> None:
         while not (pid_file.exists() and pid_file.read_text().strip()):
             assert time.monotonic() < deadline and job.poll() is None, "srun was never started"
             time.sleep(0.05)
+        time.sleep(0.2)  # the stub's trap is set after its pid is written
         job.send_signal(signal.SIGUSR1)
         _, stderr = job.communicate(timeout=30)
     finally:
         job.kill()
-        if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert (tmp_path / "srun.signal").read_text() == "USR1\n"
     assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 4242"]
+    assert (tmp_path / "scontrol.log").stat().st_mtime_ns >= (tmp_path / "srun.signal").stat().st_mtime_ns
     assert "requeueing job 4242" in stderr
     assert job.returncode == 128 + signal.SIGUSR1
 

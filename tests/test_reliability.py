@@ -236,3 +236,50 @@ def test_killed_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     again = train_losses(resumed)
     assert sorted(again) == list(range(start + 1, 13))
     assert [again[i] for i in range(start + 1, max(lost) + 1)] == [lost[i] for i in range(start + 1, max(lost) + 1)]
+
+
+def _signalled_after_step_4(tmp_path: Path, run_dir: Path, iters: int, to_launcher: bool) -> int:
+    """Launch a TP2 run; after its step 4 send SIGTERM to torchrun (which forwards it to every worker) or
+    SIGUSR1 to rank 1 only; check the saved step and, for SIGUSR1, every rank's exit code 75 in torchrun's
+    failure summary (torchrun, itself signalled, prints none); return the saved step."""
+    from disco_megatron.config import PREEMPTED_EXIT_CODE
+
+    out, err = tmp_path / f"{run_dir.name}.out", tmp_path / f"{run_dir.name}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        launcher = subprocess.Popen(torchrun_command(_args(run_dir, iters, *TP2), 2), stdout=stdout, stderr=stderr,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            _wait_for(lambda: _logged_iterations(run_dir) >= 4 or launcher.poll() is not None, 300, "iteration 4")
+            if to_launcher:
+                launcher.send_signal(signal.SIGTERM)
+            else:
+                os.kill(_workers(psutil.Process(launcher.pid))[1].pid, signal.SIGUSR1)
+            assert launcher.wait(timeout=EXIT_LIMIT_S) != 0
+        finally:
+            _kill_tree(launcher)
+    exit_codes = re.findall(r"exitcode\s+: (-?\d+)", err.read_text())
+    assert exit_codes == [str(PREEMPTED_EXIT_CODE)] * (0 if to_launcher else 2), err.read_text()[-3000:]
+    stopped = int(_latest(run_dir / "checkpoints"))
+    assert 5 <= stopped < iters and max(train_losses(run_dir)) == stopped
+    assert f"checkpointing at iteration {stopped}, then exiting with code {PREEMPTED_EXIT_CODE}" in out.read_text()
+    return stopped
+
+
+def test_a_signal_to_one_rank_checkpoints_every_rank_and_resume_is_bit_exact(tmp_path):
+    """SIGUSR1 to rank 1 only of a TP2 run after step 4: both ranks stop after the same step, save it
+    and exit with code 75; resumed, the losses from step 5 on are bit-identical to an uninterrupted run's."""
+    iters = 30
+    reference, first, resumed = tmp_path / "reference", tmp_path / "first", tmp_path / "resumed"
+    result = torchrun(2, _args(reference, iters, *TP2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _signalled_after_step_4(tmp_path, first, iters, to_launcher=False)
+    result = torchrun(2, _args(resumed, iters, *TP2, "--load", str(first / "checkpoints")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, combined = train_losses(reference), {**train_losses(first), **train_losses(resumed)}
+    assert sorted(combined) == list(range(1, iters + 1))
+    assert [combined[i] for i in range(5, iters + 1)] == [expected[i] for i in range(5, iters + 1)]
+
+
+def test_sigterm_to_torchrun_is_forwarded_and_every_rank_checkpoints(tmp_path):
+    """torchrun forwards its SIGTERM to the workers; they save the step they are at and exit."""
+    _signalled_after_step_4(tmp_path, tmp_path / "run", 30, to_launcher=True)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "directory")
     load_flags(to_hf, "checkpoint directory (the one holding latest_checkpointed_iteration.txt)")
     out_flags(to_hf, "HF directory to write (config.json, model.safetensors, tokenizer files)")
-    to_hf.add_argument("--tokenizer-model", help="sentencepiece .model the run used (adds tokenizer files)")
+    to_hf.add_argument("--tokenizer-model", help="sentencepiece .model for the tokenizer files (default: the one "
+                                                 "the run's run_config.json records, in --load or its parent)")
 
     from_hf = command("from-hf", "HuggingFace Llama directory -> disco_megatron or Megatron-LM checkpoint (TP1/PP1, "
                                  "iteration 0)")
@@ -73,10 +74,14 @@ def run(args: argparse.Namespace) -> None:
     from disco_megatron.checkpoint import convert
 
     if args.command == "to-hf":
-        files = convert.to_hf(args.load, args.out, args.ckpt_step, args.tokenizer_model, args.force)
+        files, tokenizer = convert.to_hf(args.load, args.out, args.ckpt_step, args.tokenizer_model, args.force)
         print(f"wrote {args.out}: {', '.join(files)}")
-        if args.tokenizer_model is None:
-            print("no --tokenizer-model: weights and config only (no tokenizer files)")
+        if tokenizer is None:
+            print("no run_config.json beside the checkpoint and no --tokenizer-model: weights and config only "
+                  "(no tokenizer files)")
+        else:
+            print(f"tokenizer: {tokenizer}; load with transformers' AutoTokenizer and AutoModelForCausalLM "
+                  f"from {args.out}")
     elif args.command == "from-hf":
         flags = convert.from_hf(args.hf, args.out, args.tokenizer_model, args.force, args.format)
         print(f"wrote {args.out} (TP1/PP1, iteration 0, no optimizer state); continue training with:")

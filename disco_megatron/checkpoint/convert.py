@@ -214,13 +214,29 @@ def _write_json(path: str, data: dict) -> None:
 
 # ---- operations ---------------------------------------------------------------------------------
 
+def run_tokenizer(load: str) -> Optional[str]:
+    """The sentencepiece model the run that wrote ``load`` trained with: the ``tokenizer_model`` of its
+    run_config.json (its --tokenizer-model, or the embedded corpus's model the trainer recorded);
+    None when there is no run config (checkpoints of from-hf, legacy or Megatron-LM)."""
+    path = next((c for c in run_config_candidates(load) if os.path.isfile(c)), None)
+    if path is None:
+        return None
+    tokenizer = read_run_config(path).tokenizer_model
+    if tokenizer is None or not os.path.isfile(tokenizer):
+        raise ConversionError(f"{path} names tokenizer {tokenizer}, which does not exist (a cleared "
+                              "--data-cache-path?); pass --tokenizer-model with the run's sentencepiece model")
+    return tokenizer
+
+
 def to_hf(load: str, out: str, iteration: Optional[int] = None, tokenizer_model: Optional[str] = None,
-          force: bool = False) -> list[str]:
-    """A checkpoint at any TP/PP layout -> HF Llama directory; returns the files written."""
+          force: bool = False) -> tuple[list[str], Optional[str]]:
+    """A checkpoint at any TP/PP layout -> HF Llama directory with the tokenizer of ``tokenizer_model``,
+    else of the run's config; returns the files written and the tokenizer used (None: weights only)."""
     check_output(out, force, load)
     ckpt, common = storage.read_common_state(load, iteration)
     cfg = checkpoint_model_config(common, load)
     hf_llama.require_llama_shape(cfg, f"--load {ckpt}")
+    tokenizer_model = tokenizer_model or run_tokenizer(load)
     if tokenizer_model is not None:
         check_tokenizer_vocab(tokenizer_model, cfg.vocab_size, f"checkpoint {ckpt}")
     cfg, full = read_full_state(load, iteration)
@@ -235,7 +251,7 @@ def to_hf(load: str, out: str, iteration: Optional[int] = None, tokenizer_model:
         save_file(hf, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, HF_WEIGHTS), 0o644)  # safetensors writes it private
         written = sorted(os.listdir(tmp))
-    return written
+    return written, tokenizer_model
 
 
 def read_hf_weights(hf_dir: str) -> dict[str, Tensor]:
@@ -303,10 +319,14 @@ def convert_legacy(load: str, out: str, iteration: Optional[int] = None, tokeniz
     return legacy.iteration, model_flags(cfg) + data_flags(tokenizer_model)
 
 
+def run_config_candidates(load: str) -> list[str]:
+    """Where a checkpoint directory's run_config.json may be: in it, or in its parent (the run dir)."""
+    return [RunDir(load).run_config, RunDir(os.path.dirname(os.path.abspath(load))).run_config]
+
+
 def find_run_config(load: str, run_config: Optional[str]) -> str:
     """``--run-config``, else run_config.json in the checkpoint directory or its parent (the run dir)."""
-    candidates = [run_config] if run_config else [RunDir(load).run_config,
-                                                  RunDir(os.path.dirname(os.path.abspath(load))).run_config]
+    candidates = [run_config] if run_config else run_config_candidates(load)
     for path in candidates:
         if os.path.isfile(path):
             return path

@@ -19,6 +19,14 @@ from typing import Any
 RECORD_KINDS = (("param", "params"), ("update", "updates"), ("weight_change", "weight_changes"))
 
 
+def norm_log_path(explicit: str | None, run_dir: str | None, tensorboard_dir: str | None,
+                  save: str | None) -> str | None:
+    """Where norms.jsonl goes: ``explicit``, else the first of the run, TensorBoard and checkpoint
+    directories that is set (one rule for ``disco-pretrain`` and the Megatron-LM plug-in)."""
+    directory = run_dir or tensorboard_dir or save
+    return explicit or (directory and os.path.join(directory, "norms.jsonl")) or None
+
+
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

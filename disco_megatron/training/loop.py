@@ -195,7 +195,7 @@ def pretrain(cfg: RunConfig, dp: int) -> dict:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "run_config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-    tracker = build_norm_tracker(cfg, info, model, writer)
+    tracker = build_norm_tracker(cfg, info, model, writer, optimizer)
 
     params = [p for p in model.parameters() if p.requires_grad]
     forward_backward = get_forward_backward_func()
@@ -284,19 +284,23 @@ def _save(cfg: RunConfig, model, optimizer, scheduler, state, parallel: dict, in
     return seconds
 
 
-def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter]):
+def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter], optimizer):
     """The per-step norm tracker; it writes norms.jsonl and TensorBoard scalars on the writer rank."""
     from megatron.core import parallel_state as ps
 
     from disco_megatron.models.sharding import global_param_name
-    from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter
+    from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter, norm_log_path
+    from disco_megatron.norms.steps import ScionStepSource
 
     writers = []
-    if writer is not None and cfg.run_dir:
-        writers.append(JsonlNormWriter(os.path.join(cfg.run_dir, "norms.jsonl")))
+    path = norm_log_path(cfg.norm_log_file, cfg.run_dir, cfg.tensorboard_dir, cfg.save)
+    if writer is not None and path:
+        writers.append(JsonlNormWriter(path))
     if writer is not None and writer.tb is not None:
         writers.append(TensorBoardNormWriter(writer.tb))
     named = [(global_param_name(name, info.pp_rank, cfg.model.num_layers, info.pp), param)
              for name, param in model.named_parameters()]
     return NormTracker(named, cfg.norm_log_interval, ps.get_tensor_model_parallel_group(),
-                       ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers)
+                       ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers,
+                       with_condition=cfg.norm_condition_number, model_cfg=model.config,
+                       step_source=ScionStepSource(optimizer) if cfg.optimizer == "scion" else None)

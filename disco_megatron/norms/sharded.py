@@ -281,6 +281,8 @@ def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | 
     (zeros from non-owners) then gives every rank all of them. Costs one SVD per matrix per
     logging step, spread over the TP ranks.
     """
+    if not matrices:
+        return []
     world, rank = _world(group), (dist.get_rank(group) if group is not None else 0)
     values = [torch.zeros(2, dtype=A.dtype, device=A.device) for _, _, A, _ in matrices]
     for i, (_, _, A, _) in enumerate(matrices):

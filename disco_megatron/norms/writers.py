@@ -126,7 +126,15 @@ def read_norms_tensorboard(directory: str) -> list[dict]:
                     "step": event.step, "tokens": None, "loss": None, "lr": {},
                     **{key: {} for _, key in RECORD_KINDS}, "groups": {kind: {} for kind, _ in RECORD_KINDS}})
                 _set_from_tag(record, tag, event.value)
-    return [by_step[step] for step in sorted(by_step)]
+    return [_without_absent_kinds(by_step[step]) for step in sorted(by_step)]
+
+
+def _without_absent_kinds(record: dict) -> dict:
+    """The record without the kinds it has no scalar of (as written: e.g. no ``updates`` without a step source)."""
+    for kind, key in RECORD_KINDS:
+        if not record[key] and not record["groups"][kind]:
+            del record[key], record["groups"][kind]
+    return record
 
 
 def _set_from_tag(record: dict, tag: str, value: float) -> None:

@@ -89,7 +89,7 @@ class NormTracker:
         *,
         model_cfg: ModelShape,
         step_source: StepSource | None = None,
-        sigma_tol: float = 1e-3,
+        sigma_tol: float = 1e-4,
         max_power_iters: int = 100,
     ) -> None:
         if interval < 1:

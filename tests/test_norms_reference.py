@@ -1,0 +1,99 @@
+"""disco-pretrain's norms.jsonl at TP2 x PP2 against the reference's norm formulas.
+
+The reference is rakkit/disco's ``norm_helper.calculate_norm``, re-implemented here from its
+formulas (exact SVD, float64) on full matrices assembled independently of the tracker: the run's
+checkpoints exported to HF Llama (separate q/k/v and gate/up projections, as the reference's
+models have), the embedding transposed to ``[hidden, vocab]`` (the reference's ``need_T``),
+1-D gains as ``diag(b)``. Parameters are compared at a logged step's checkpoint, updates (the
+optimizer's step) with the difference of two consecutive checkpoints: with fp32 weights, no
+weight decay and the unconstrained rule, Scion's weight change is its step up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from disco_megatron.models.naming import hf_names
+from disco_megatron.norms import read_norms_jsonl
+from disco_megatron.norms.matrices import param_name
+from tests._launch import TINY_MODEL, torchrun
+
+STEP = 4
+# fp32 statistics vs float64 ones: ~1e-6 relative. σ_max (rms_to_rms) by Lanczos: the issue's 1e-3,
+# with its recorded residual bound at most the tracker's 1e-4 tolerance.
+FP32_REL, SIGMA_REL, BOUND = 1e-5, 1e-3, 1e-4
+
+
+def reference_norms(W: torch.Tensor) -> dict[str, float]:
+    """calculate_norm's formulas: W is [d_out, d_in]; a 1-D tensor is diag(b)."""
+    W = W.double()
+    if W.dim() == 1:
+        W = torch.diag(W)
+    d_out, d_in = W.shape
+    singular = torch.linalg.svdvals(W)
+    return {"rms_to_rms": float(singular[0]) * math.sqrt(d_in / d_out),
+            "l1_to_rms": float(W.norm(dim=0).max()) / math.sqrt(d_out),
+            "rms_to_inf": float(W.norm(dim=1).max()) * math.sqrt(d_in),
+            "supremum": float(W.abs().max())}
+
+
+def hf_name(key: str) -> str:
+    """The HF tensor of a logical-matrix key (``...linear_qkv.weight:k`` -> ``...k_proj.weight``)."""
+    index = {"": 0, "q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}[key.partition(":")[2]]
+    return hf_names(param_name(key))[index]
+
+
+def hf_matrix(hf: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """That tensor in the reference's orientation (the embedding transposed)."""
+    W = hf[hf_name(key)]
+    return W.t() if key.startswith("embedding.") else W
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, embedded_data) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    from disco_megatron.checkpoint.cli import main as convert
+
+    run_dir = tmp_path_factory.mktemp("tp2pp2")
+    result = torchrun(4, [*TINY_MODEL, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                          "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(STEP),
+                          "--log-interval", "1", "--norm-log-interval", "2", "--save-interval", "1",
+                          "--lr", "0.01", "--run-dir", str(run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = {}
+    for step in (STEP - 1, STEP):
+        out = run_dir / f"hf{step}"
+        assert convert(["to-hf", "--load", str(run_dir / "checkpoints"), "--ckpt-step", str(step),
+                        "--out", str(out)]) == 0
+        weights[step] = load_file(str(out / "model.safetensors"))
+    (record,) = [r for r in read_norms_jsonl(str(run_dir / "norms.jsonl")) if r["step"] == STEP]
+    return record, weights
+
+
+def _compare(got: dict[str, float], W: torch.Tensor, where: str) -> float:
+    """Assert the logged norms equal the reference's; return σ_max's relative error."""
+    expected = reference_norms(W)
+    for norm, value in expected.items():
+        tolerance = SIGMA_REL if norm == "rms_to_rms" else FP32_REL
+        assert abs(got[norm] - value) <= tolerance * abs(value), f"{where} {norm}: logged {got[norm]} vs {value}"
+    assert got.get("sigma_max_rel_bound", 0.0) <= BOUND, where
+    return abs(got["rms_to_rms"] - expected["rms_to_rms"]) / expected["rms_to_rms"]
+
+
+def test_params_and_updates_equal_the_reference(run):
+    record, weights = run
+    errors = []
+    for key, got in record["params"].items():
+        W = hf_matrix(weights[STEP], key)
+        errors.append(_compare(got, W, f"param {key}"))
+        errors.append(_compare(record["updates"][key], W - hf_matrix(weights[STEP - 1], key), f"update {key}"))
+    errors.sort()
+    print(f"sigma_max relative error over {len(errors)} matrices: max {errors[-1]:.2e}, "
+          f"median {errors[len(errors) // 2]:.2e}")
+    assert {hf_name(key) for key in record["params"]} == set(weights[STEP])  # every parameter, each once
+    assert set(record["weight_changes"]) == set(record["params"]) == set(record["updates"])
+    assert record["params"]["embedding.word_embeddings.weight"]["rms_to_rms"] > 1.0  # [hidden, vocab]: ×√(vocab/hidden)

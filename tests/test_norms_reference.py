@@ -6,7 +6,8 @@ checkpoints exported to HF Llama (separate q/k/v and gate/up projections, as the
 models have), the embedding transposed to ``[hidden, vocab]`` (the reference's ``need_T``),
 1-D gains as ``diag(b)``. Parameters are compared at a logged step's checkpoint, updates (the
 optimizer's step) with the difference of two consecutive checkpoints: with fp32 weights, no
-weight decay and the unconstrained rule, Scion's weight change is its step up to fp32 rounding.
+weight decay and Scion's unconstrained rule, the weight change is the step (Scion's
+``−lr·ρ·dualize(d)``, Adam's ``−lr·m̂/(√v̂+ε)``) up to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from tests._launch import TINY_MODEL, torchrun
 STEP = 4
 # fp32 statistics vs float64 ones: ~1e-6 relative. σ_max (rms_to_rms) by Lanczos: the issue's 1e-3,
 # with its recorded residual bound at most the tracker's 1e-4 tolerance.
+# The update reference, the difference of two fp32 checkpoints, carries their rounding: ~6e-8 of a
+# gain near 1 against an Adam step near 1e-4 is ~1e-4 relative, so updates are held to the 1e-3.
 FP32_REL, SIGMA_REL, BOUND = 1e-5, 1e-3, 1e-4
 
 
@@ -52,8 +55,8 @@ def hf_matrix(hf: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return W.t() if key.startswith("embedding.") else W
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, embedded_data) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+@pytest.fixture(scope="module", params=["scion", "adam"])
+def run(request, tmp_path_factory, embedded_data) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
     from safetensors.torch import load_file
 
     from disco_megatron.checkpoint.cli import main as convert
@@ -62,7 +65,8 @@ def run(tmp_path_factory, embedded_data) -> tuple[dict, dict[int, dict[str, torc
     result = torchrun(4, [*TINY_MODEL, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(STEP),
                           "--log-interval", "1", "--norm-log-interval", "2", "--save-interval", "1",
-                          "--lr", "0.01", "--run-dir", str(run_dir)])
+                          "--optimizer", request.param, "--lr", {"scion": "0.01", "adam": "1e-3"}[request.param],
+                          "--weight-decay", "0", "--run-dir", str(run_dir)])
     assert result.returncode == 0, result.stderr[-3000:]
     weights = {}
     for step in (STEP - 1, STEP):
@@ -74,11 +78,11 @@ def run(tmp_path_factory, embedded_data) -> tuple[dict, dict[int, dict[str, torc
     return record, weights
 
 
-def _compare(got: dict[str, float], W: torch.Tensor, where: str) -> float:
-    """Assert the logged norms equal the reference's; return σ_max's relative error."""
+def _compare(got: dict[str, float], W: torch.Tensor, where: str, rel: float = FP32_REL) -> float:
+    """Assert the logged norms equal the reference's (``rel``; σ_max: SIGMA_REL); return σ_max's relative error."""
     expected = reference_norms(W)
     for norm, value in expected.items():
-        tolerance = SIGMA_REL if norm == "rms_to_rms" else FP32_REL
+        tolerance = SIGMA_REL if norm == "rms_to_rms" else rel
         assert abs(got[norm] - value) <= tolerance * abs(value), f"{where} {norm}: logged {got[norm]} vs {value}"
     assert got.get("sigma_max_rel_bound", 0.0) <= BOUND, where
     return abs(got["rms_to_rms"] - expected["rms_to_rms"]) / expected["rms_to_rms"]
@@ -90,7 +94,8 @@ def test_params_and_updates_equal_the_reference(run):
     for key, got in record["params"].items():
         W = hf_matrix(weights[STEP], key)
         errors.append(_compare(got, W, f"param {key}"))
-        errors.append(_compare(record["updates"][key], W - hf_matrix(weights[STEP - 1], key), f"update {key}"))
+        errors.append(_compare(record["updates"][key], W - hf_matrix(weights[STEP - 1], key), f"update {key}",
+                               SIGMA_REL))
     errors.sort()
     print(f"sigma_max relative error over {len(errors)} matrices: max {errors[-1]:.2e}, "
           f"median {errors[len(errors) // 2]:.2e}")

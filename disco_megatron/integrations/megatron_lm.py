@@ -207,16 +207,16 @@ def build_norm_hook(model_chunks: Sequence[torch.nn.Module], optimizer, args: ar
     from megatron.core.utils import get_attr_wrapped_model
 
     from disco_megatron.norms import NormTracker
-    from disco_megatron.norms.steps import ScionStepSource
-    from disco_megatron.optim.megatron import ScionOptimizer
+    from disco_megatron.norms.steps import optimizer_step_source
 
-    tracker = NormTracker(global_named_params(model_chunks), args.norm_log_interval,
+    named = global_named_params(model_chunks)
+    tracker = NormTracker(named, args.norm_log_interval,
                           ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
                           ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                           ps.get_pipeline_model_parallel_world_size(), [],
                           with_condition=args.norm_condition_number,
                           model_cfg=get_attr_wrapped_model(model_chunks[0], "config"),
-                          step_source=ScionStepSource(optimizer) if isinstance(optimizer, ScionOptimizer) else None)
+                          step_source=optimizer_step_source(optimizer, [p for _, p in named]))
     if tracker.is_writer:
         tracker.writers.extend(_norm_writers(args))
     return NormHook(tracker, optimizer, args)

@@ -170,7 +170,7 @@ class NormTracker:
                    "weight_changes": [(name, torch.sub(after, self._before[name], out=self._before[name]), pdim)
                                       for name, after, pdim in afters]}
         if steps is not None:
-            tensors["updates"] = [(name, steps[id(p)], pdim) for name, p, pdim in self._mine]
+            tensors["updates"] = [(name, steps[id(p)], pdim) for name, p, pdim in self._mine if id(p) in steps]
         out = {key: sharded_norms_many([piece for name, t, pdim in items for piece in self._pieces(name, t, pdim)],
                                        self.tp_group, state=self._states[kind], with_condition=self.with_condition)
                for kind, key in _KINDS if (items := tensors.get(key)) is not None}

@@ -290,7 +290,7 @@ def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Option
 
     from disco_megatron.models.sharding import global_param_name
     from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter, norm_log_path
-    from disco_megatron.norms.steps import ScionStepSource
+    from disco_megatron.norms.steps import optimizer_step_source
 
     writers = []
     path = norm_log_path(cfg.norm_log_file, cfg.run_dir, cfg.tensorboard_dir, cfg.save)
@@ -303,4 +303,4 @@ def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Option
     return NormTracker(named, cfg.norm_log_interval, ps.get_tensor_model_parallel_group(),
                        ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers,
                        with_condition=cfg.norm_condition_number, model_cfg=model.config,
-                       step_source=ScionStepSource(optimizer) if cfg.optimizer == "scion" else None)
+                       step_source=optimizer_step_source(optimizer, [p for _, p in named]))

@@ -145,7 +145,7 @@ def _sharded_worker(rank: int, world: int) -> None:
             # Tolerance: every call's σ_max is within its recorded bound, the bound within tol,
             # cold and warm-started (a slowly changing matrix).
             W0, D = _full((40, 32), 3), _full((40, 32), 4)
-            state = PowerIterationState()
+            state = PowerIterationState(exact_max_dim=0)  # Lanczos, not the small matrices' exact SVD
             for call in range(4):
                 W = W0 + 0.01 * call * D
                 got = sharded_norms(W.chunk(tp, dim=pdim)[tp_rank], pdim, group, state=state, key="w")
@@ -173,7 +173,7 @@ def _batch_worker(rank: int, world: int) -> None:
     group = dist.new_group([0, 1])
     shards = [(key, _full(shape, 30 + i).chunk(world, dim=pdim)[rank] if pdim is not None else _full(shape, 30 + i),
                pdim) for i, (key, shape, pdim, _) in enumerate(BATCH_ITEMS)]
-    primed = PowerIterationState(tol=1e-12, max_iters=ITERS)
+    primed = PowerIterationState(tol=1e-12, max_iters=ITERS, exact_max_dim=0)
     for i, ((key, shard, pdim), (*_, warm)) in enumerate(zip(shards, BATCH_ITEMS)):
         if warm:  # a stored vector from another matrix: the warm start is not the answer
             sharded_norms(_full(tuple(shard.shape), 60 + i), pdim, group, state=primed, key=key)

@@ -21,9 +21,10 @@ The statistics of :class:`~disco_megatron.norms.definitions.MatrixStats` reduce 
   its left one for partition_dim 1. The estimate never exceeds σ_max;
   :class:`PowerIterationState` keeps ``v`` per tensor so later calls warm-start and few
   iterations suffice while the matrix changes slowly.
-- ``with_condition=True`` needs σ_min, which Lanczos on the top end does not give: each matrix
-  is gathered to one TP rank only (round-robin over the matrices), which runs its exact SVD;
-  one all-reduce of 2 values per matrix shares the results.
+- Small matrices (smaller dim ≤ ``PowerIterationState.exact_max_dim``, default 512) and, with
+  ``with_condition=True`` (σ_min, which Lanczos on the top end does not give), every matrix are
+  exact instead: each is gathered to one TP rank only (round-robin over the matrices), which
+  runs its SVD; one all-reduce of 2 values per matrix shares the results.
 
 Collectives are latency-bound (the vectors are small), so :func:`sharded_norms_many` batches
 them over all tensors of a call: one SUM all-reduce (every partial column-norm² vector and sum
@@ -61,14 +62,18 @@ _EXHAUSTED = 1e-4  # relative residual below which fp32 Lanczos stops growing it
 class PowerIterationState:
     """σ_max accuracy and warm starts: the last replicated singular vector of each tensor, by key.
 
-    The iteration is Lanczos (see :class:`_Lanczos`), power iteration's Krylov form. It runs until
-    its residual bound on σ_max is at most ``tol`` (relative), or ``max_iters`` products; a tensor
-    seen before starts from its stored vector, a new one from a fixed random start (identical on
-    every TP rank).
+    A matrix whose smaller full dim is at most ``exact_max_dim`` gets an exact SVD on one TP rank
+    (:func:`_exact_extremes`): cheaper than Lanczos there, whose cost is iterations (up to
+    ``max_iters``, each with a host synchronisation), and a spectral-LMO update's flat spectrum
+    needs many. Larger ones run Lanczos (see :class:`_Lanczos`), power iteration's Krylov form,
+    until its residual bound on σ_max is at most ``tol`` (relative), or ``max_iters`` products; a
+    tensor seen before starts from its stored vector, a new one from a fixed random start
+    (identical on every TP rank).
     """
 
     tol: float = 1e-4
     max_iters: int = 100
+    exact_max_dim: int = 512
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -255,23 +260,27 @@ def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.
 def _extreme_singular_values(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | None]],
                              group: dist.ProcessGroup | None, state: PowerIterationState,
                              with_condition: bool) -> list[list[torch.Tensor]]:
-    """``[σ_max, its relative error bound]`` of each ``(key, W shard, A shard, partition_dim)`` by
-    Lanczos (warm-started from and saved to ``state``), or ``[σ_max, 0, σ_min]`` exact with the
-    condition number (:func:`_exact_extremes`)."""
-    if with_condition:
-        return _exact_extremes(matrices, group)
-    solvers = [_Lanczos(A, state.start(key, A.size(1), A.device), state.tol, state.max_iters)
-               for key, _, A, _ in matrices]
+    """``[σ_max, its relative error bound]`` of each ``(key, W shard, A shard, partition_dim)``: by
+    Lanczos (warm-started from and saved to ``state``), or exact (bound 0, :func:`_exact_extremes`)
+    for a matrix no larger than ``state.exact_max_dim`` in its smaller dim; with the condition
+    number every matrix is exact and gets ``σ_min`` appended."""
+    world = _world(group)
+    exact = [i for i, (_, _, A, pdim) in enumerate(matrices)
+             if with_condition or min(A.size(0) * (world if pdim is not None else 1), A.size(1)) <= state.exact_max_dim]
+    out = {i: values if with_condition else values[:2]
+           for i, values in zip(exact, _exact_extremes([matrices[i] for i in exact], group))}
+    iterated = [i for i in range(len(matrices)) if i not in out]
+    solvers = [_Lanczos(matrices[i][2], state.start(matrices[i][0], matrices[i][2].size(1), matrices[i][2].device),
+                        state.tol, state.max_iters) for i in iterated]
     _run_lanczos(solvers, group)
-    out = []
-    for (key, *_), solver in zip(matrices, solvers):
+    for i, solver in zip(iterated, solvers):
         sigma_max, v, bound = solver.result()
         if float(sigma_max) > 0:
-            state.vectors[key] = v
+            state.vectors[matrices[i][0]] = v
         else:
-            state.vectors.pop(key, None)  # a zero or non-finite matrix leaves no useful direction
-        out.append([sigma_max, torch.tensor(bound, dtype=sigma_max.dtype, device=sigma_max.device)])
-    return out
+            state.vectors.pop(matrices[i][0], None)  # a zero or non-finite matrix leaves no useful direction
+        out[i] = [sigma_max, torch.tensor(bound, dtype=sigma_max.dtype, device=sigma_max.device)]
+    return [out[i] for i in range(len(matrices))]
 
 
 def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | None]],

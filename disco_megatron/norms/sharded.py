@@ -17,20 +17,22 @@ The statistics of :class:`~disco_megatron.norms.definitions.MatrixStats` reduce 
   ``max_iters`` products); the achieved bound is returned as ``sigma_max_rel_bound``. The
   residual bounds the distance to the *nearest* singular value: when the top of the spectrum is
   flat (a spectral-LMO update, all singular values near 1) an estimate can meet a bound of 1e-3
-  and still be 1e-3 below σ_max, hence a default 10x tighter than the 1e-3 accuracy asked of it. ``v`` is W's right singular vector for partition_dim 0/None and
-  its left one for partition_dim 1. The estimate never exceeds σ_max;
+  and still be 1e-3 below σ_max, hence a default 10x tighter than the 1e-3 accuracy asked of it.
+  ``v`` is W's right singular vector for partition_dim 0/None and its left one for
+  partition_dim 1. The estimate never exceeds σ_max;
   :class:`PowerIterationState` keeps ``v`` per tensor so later calls warm-start and few
   iterations suffice while the matrix changes slowly.
 - Small matrices (smaller dim ≤ ``PowerIterationState.exact_max_dim``, default 512) and, with
   ``with_condition=True`` (σ_min, which Lanczos on the top end does not give), every matrix are
   exact instead: each is gathered to one TP rank only (round-robin over the matrices), which
-  runs its SVD; one all-reduce of 2 values per matrix shares the results.
+  runs its SVD; one all-reduce (2 values per matrix, all matrices at once) shares the results.
 
 Collectives are latency-bound (the vectors are small), so :func:`sharded_norms_many` batches
 them over all tensors of a call: one SUM all-reduce (every partial column-norm² vector and sum
 of squares, concatenated), one MAX all-reduce, and one all-reduce per Lanczos iteration of the
 products of every matrix still iterating (each keeps its own basis and iteration count): 2 +
-the largest iteration count in all, instead of 2 + iterations per tensor.
+the largest iteration count in all, instead of 2 + iterations per tensor; exact matrices add
+one gather each and one all-reduce in all.
 :func:`sharded_norms` is its one-tensor case.
 
 Every norm here is invariant to the row order of the shards' concatenation, so a logical
@@ -298,7 +300,8 @@ def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | 
     values = [torch.zeros(2, dtype=A.dtype, device=A.device) for _, _, A, _ in matrices]
     for i, (_, _, A, _) in enumerate(matrices):
         owner = i % world
-        shards = [torch.empty(A.shape, dtype=A.dtype, device=A.device) for _ in range(world)] if rank == owner and world > 1 else None
+        shards = ([torch.empty(A.shape, dtype=A.dtype, device=A.device) for _ in range(world)]
+                  if rank == owner and world > 1 else None)
         if world > 1:
             dist.gather(A.contiguous(), shards, group_dst=owner, group=group)
         if rank == owner:

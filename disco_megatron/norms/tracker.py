@@ -17,8 +17,9 @@ Who does what:
   return at once.
 - Within a stage the TP ranks of DP replica 0 compute every split tensor together, all of them
   in one :func:`~disco_megatron.norms.sharded.sharded_norms_many` call per kind: 2 +
-  (largest σ_max iteration count) all-reduces over ``tp_group`` per kind, however many tensors; ``named_params`` order is the same on every TP rank. Replicated tensors are
-  computed by TP rank 0 alone, in the same call, without communication.
+  (largest σ_max iteration count) all-reduces over ``tp_group`` per kind, however many tensors
+  (plus one gather per exactly computed matrix); ``named_params`` order is the same on every TP
+  rank. Replicated tensors are computed by TP rank 0 alone, in the same call, without communication.
 - TP rank 0 of each stage (DP replica 0) sends its results with one object gather over
   ``pp_group`` to the **last stage's** TP-rank-0 rank, the writer rank (DESIGN.md section 4:
   that is where the loss is, and where the training loop logs). It aggregates the groups

@@ -118,8 +118,10 @@ class NormTracker:
         self.is_writer = self.contributes and pp_rank == pp_size - 1
         with_dims = [(name, p, param_partition_dim(p)) for name, p in named_params]
         self._mine = [(n, p, d) for n, p, d in with_dims if self.computes and (d is not None or self.tp_rank == 0)]
-        for name, p, pdim in self._mine:  # a shape the model config does not explain fails at start-up too
-            self._pieces(name, p.detach(), pdim)
+        # Logical matrices' global entry counts, from the shapes alone (meta tensors: no copy of an
+        # FP8 parameter); a shape the model config does not explain fails here, at start-up.
+        self._numels = {key: global_numel(piece, pdim, tp_group) for name, p, pdim in self._mine
+                        for key, piece, pdim in self._pieces(name, torch.empty(p.shape, device="meta"), pdim)}
         self._states = {kind: PowerIterationState(tol=sigma_tol, max_iters=max_power_iters) for kind, _ in _KINDS}
         self._before: dict[str, torch.Tensor] = {}
         self._before_step: int | None = None
@@ -175,9 +177,7 @@ class NormTracker:
         out = {key: sharded_norms_many([piece for name, t, pdim in items for piece in self._pieces(name, t, pdim)],
                                        self.tp_group, state=self._states[kind], with_condition=self.with_condition)
                for kind, key in _KINDS if (items := tensors.get(key)) is not None}
-        out["numels"] = {key: global_numel(piece, pdim, self.tp_group) for name, p, pdim in self._mine
-                         for key, piece, pdim in self._pieces(name, p.detach(), pdim)}
-        return out
+        return {**out, "numels": self._numels}
 
     def _gather(self, local: dict) -> list[dict]:
         if self.pp_size == 1 or self.pp_group is None:

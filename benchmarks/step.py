@@ -86,6 +86,7 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
     from disco_megatron.models import build_gpt_model, wrap_ddp
     from disco_megatron.models.sharding import global_param_name
     from disco_megatron.norms import NormTracker
+    from disco_megatron.norms.steps import optimizer_step_source
     from disco_megatron.runtime import destroy_parallel, initialize_parallel
 
     def timed(fn) -> float:
@@ -106,9 +107,10 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
         layouts_match = set(opts["scion_owner"].optimizer.layouts) == \
             set(stage_layouts(cfg, world, info.tp_rank).values())
         named = [(global_param_name(n, info.pp_rank, cfg.num_layers, info.pp), p) for n, p in model.named_parameters()]
-        tracker = NormTracker(named, 1, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                              info.dp_rank, info.pp_rank, info.pp, writers=[])
         owner = opts["scion_owner"]
+        tracker = NormTracker(named, 1, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                              info.dp_rank, info.pp_rank, info.pp, writers=[], model_cfg=model.config,
+                              step_source=optimizer_step_source(owner, [p for _, p in named]))
         samples: dict[str, list[float]] = {k: [] for k in (*names, "fwd_bwd", "tracker_before", "tracker_after")}
 
         def logging_step(step: int) -> tuple[float, float, float]:

@@ -199,6 +199,8 @@ class RunConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 5
     norm_log_interval: int = 10
+    norm_log_file: Optional[str] = None
+    norm_condition_number: bool = False
     max_skipped_steps: int = 5
     distributed_timeout_minutes: int = 5
 
@@ -312,6 +314,8 @@ RUN_FLAGS = {
     "eval_interval": ("--eval-interval", int, "steps between validation losses (default: off)"),
     "eval_iters": ("--eval-iters", int, "validation batches per evaluation"),
     "norm_log_interval": ("--norm-log-interval", int, "steps between norm statistics"),
+    "norm_log_file": ("--norm-log-file", str, "norms.jsonl path (default: RUN_DIR/norms.jsonl, else "
+                      "TENSORBOARD_DIR/norms.jsonl, else SAVE/norms.jsonl)"),
     "max_skipped_steps": ("--max-skipped-steps", int, "stop after this many non-finite steps in a row"),
     "distributed_timeout_minutes": ("--distributed-timeout-minutes", int, "collective timeout; a dead rank ends the run after it"),
 }
@@ -365,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep FP8 model weights (TransformerEngine), refreshed from fp32 masters")
     run = parser.add_argument_group("run")
     add_flags(run, RUN_FLAGS, run_defaults, "")
+    run.add_argument("--norm-condition-number", action="store_true",
+                     help="log each matrix's condition number (an exact SVD per matrix per logging step)")
     run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")
     run.add_argument("--no-load-rng", action="store_true", help="with --load: do not load RNG state")
     scion = parser.add_argument_group("scion", "distributed Scion (--optimizer scion)")

@@ -209,7 +209,7 @@ def norm_hook_worker(rank: int, world: int, out: str) -> None:
     model = build_gpt_model(ModelConfig(**MODEL))
     opt = get_scion_optimizer(ScionConfig(lr=0.05), [model])
     args = argparse.Namespace(curr_iteration=0, consumed_train_samples=0, seq_length=16, norm_log_interval=2,
-                              norm_log_file=None, tensorboard_dir=None, save=out)
+                              norm_log_file=None, norm_condition_number=False, tensorboard_dir=None, save=out)
     hook = build_norm_hook([model], opt, args)
     last = ps.is_pipeline_last_stage()
     gen = torch.Generator().manual_seed(11 + rank)
@@ -239,6 +239,8 @@ def test_norm_hook_in_megatron_lm_step_order(tmp_path: Path) -> None:
     assert layers == {"0", "1", "2", "3"}  # stage 1's local layers 0-1 are global layers 2-3
     assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= set(records[1]["updates"])
     expected = torch.load(tmp_path / "expected.pt")["output_update"]
+    assert records[1]["weight_changes"]["output_layer.weight"]["frobenius"] == pytest.approx(expected, rel=1e-5)
+    # Unconstrained Scion without weight decay: the optimizer's step is the weight change (fp32 rounding).
     assert records[1]["updates"]["output_layer.weight"]["frobenius"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -352,5 +354,24 @@ def test_megatron_lm_pretrain_gpt_trains_with_scion(scion_run, tp: int) -> None:
 @needs_megatron_lm
 def test_megatron_lm_scion_losses_and_weights_at_tp2_equal_tp1(scion_run) -> None:
     tp1, tp2 = (_losses_and_weight_norms(scion_run(tp)[0]) for tp in (1, 2))
-    assert len(tp1) == len(tp2) == 6 * 16  # 6 steps x (loss + 15 parameters)
+    matrices = len(_norm_records(scion_run(1)[0])[0]["params"])  # 15 parameters, q/k/v and gate/up apart
+    assert matrices == 21 and len(tp1) == len(tp2) == 6 * (1 + matrices)  # 6 steps x (loss + each matrix)
     assert tp2 == pytest.approx(tp1, rel=TP_RTOL, abs=0)
+
+
+@needs_megatron_lm
+def test_megatron_lm_norms_equal_the_reference(scion_run, tmp_path: Path) -> None:
+    """The plug-in's last record (TP2) against the reference's formulas on the checkpoint exported to HF."""
+    from safetensors.torch import load_file
+
+    from _reference_norms import compare_norms, hf_matrix, hf_name
+    from disco_megatron.checkpoint.cli import main as convert
+
+    run_dir, _ = scion_run(2)
+    assert convert(["to-hf", "--load", str(run_dir / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    record = _norm_records(run_dir)[-1]
+    assert record["step"] == 6
+    for key, got in record["params"].items():
+        compare_norms(got, hf_matrix(weights, key), f"param {key}")
+    assert {hf_name(key) for key in record["params"]} == set(weights)

@@ -78,6 +78,8 @@ def add_scion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_flags(group, _NORM_FLAG, RunConfig(), "")
     group.add_argument("--norm-log-file", default=None,
                        help="norms.jsonl path (default: TENSORBOARD_DIR/norms.jsonl, else SAVE/norms.jsonl)")
+    group.add_argument("--norm-condition-number", action="store_true",
+                       help="log each matrix's condition number (an exact SVD per matrix per logging step)")
     return parser
 
 
@@ -201,12 +203,10 @@ class NormHook:
 
 
 def _norm_writers(args: argparse.Namespace) -> list:
-    from disco_megatron.config import RunDir
-    from disco_megatron.norms import JsonlNormWriter, TensorBoardNormWriter
+    from disco_megatron.norms import JsonlNormWriter, TensorBoardNormWriter, norm_log_path
 
     writers = []
-    directory = args.tensorboard_dir or args.save
-    path = args.norm_log_file or (directory and RunDir(directory).norms)
+    path = norm_log_path(args.norm_log_file, None, args.tensorboard_dir, args.save)
     if path:
         writers.append(JsonlNormWriter(path))
     if args.tensorboard_dir:
@@ -221,12 +221,19 @@ def build_norm_hook(model_chunks: Sequence[torch.nn.Module], optimizer, args: ar
     """The tracker over ``model_chunks`` (writers on its writer rank only), hooked into ``optimizer``."""
     from megatron.core import parallel_state as ps
 
-    from disco_megatron.norms import NormTracker
+    from megatron.core.utils import get_attr_wrapped_model
 
-    tracker = NormTracker(global_named_params(model_chunks), args.norm_log_interval,
+    from disco_megatron.norms import NormTracker
+    from disco_megatron.norms.steps import optimizer_step_source
+
+    named = global_named_params(model_chunks)
+    tracker = NormTracker(named, args.norm_log_interval,
                           ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
                           ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                          ps.get_pipeline_model_parallel_world_size(), [])
+                          ps.get_pipeline_model_parallel_world_size(), [],
+                          with_condition=args.norm_condition_number,
+                          model_cfg=get_attr_wrapped_model(model_chunks[0], "config"),
+                          step_source=optimizer_step_source(optimizer, [p for _, p in named]))
     if tracker.is_writer:
         tracker.writers.extend(_norm_writers(args))
     return NormHook(tracker, optimizer, args)

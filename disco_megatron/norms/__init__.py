@@ -5,6 +5,7 @@ from disco_megatron.norms.tracker import NormTracker
 from disco_megatron.norms.writers import (
     JsonlNormWriter,
     TensorBoardNormWriter,
+    norm_log_path,
     read_norms_jsonl,
     read_norms_tensorboard,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "NormTracker",
     "JsonlNormWriter",
     "TensorBoardNormWriter",
+    "norm_log_path",
     "read_norms_jsonl",
     "read_norms_tensorboard",
 ]

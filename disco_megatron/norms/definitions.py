@@ -11,7 +11,11 @@ W is ``[d_out, d_in]`` as in ``nn.Linear``:
 ``l1_to_rms = max_i ‖col_i‖₂/√d_out``, ``frobenius``, ``rms = frobenius/√(d_out·d_in)``,
 ``supremum = max|w_ij|``, opt-in ``condition_number = σ_max/σ_min`` (σ_min: the
 min(d_out, d_in)-th singular value; ``inf`` for a rank-deficient matrix).
-1-D tensors (gains, biases) get ``rms``, ``supremum`` and ``frobenius`` (their ℓ2 norm).
+1-D tensors (gains, biases) are the diagonal matrix ``diag(b)``, as the reference
+(rakkit/disco ``norm_helper.calculate_norm``) treats them: σ_max = max|b|, so
+``rms_to_rms = max|b|``, ``rms_to_inf = max|b|·√n``, ``l1_to_rms = max|b|/√n``,
+``condition_number = max|b|/min|b|``; ``frobenius = ‖b‖₂`` and ``rms = ‖b‖₂/√n`` stay the
+statistics of the stored entries (the reference logs neither).
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 MATRIX_NORMS: tuple[str, ...] = ("rms_to_rms", "rms_to_inf", "l1_to_rms", "frobenius", "rms", "supremum")
-VECTOR_NORMS: tuple[str, ...] = ("rms", "supremum", "frobenius")
 CONDITION = "condition_number"
+# Not a norm: the bound on σ_max's relative error that sharded (Lanczos) norms record with a matrix.
+SIGMA_BOUND = "sigma_max_rel_bound"
 # Group aggregation: operator norms, supremum and condition number take the max over the
 # group's members (the group's worst layer); frobenius is the root-sum-square (the Frobenius
 # norm of all members stacked); rms is that over the group's total entry count. A NaN member
@@ -52,6 +57,7 @@ class VectorStats:
     numel: int
     sum_sq: float
     max_abs: float
+    min_abs: float | None = None
 
 
 def matrix_norms_from_stats(s: MatrixStats) -> dict[str, float]:
@@ -71,9 +77,12 @@ def matrix_norms_from_stats(s: MatrixStats) -> dict[str, float]:
 
 
 def vector_norms_from_stats(s: VectorStats) -> dict[str, float]:
-    """The norms of a 1-D tensor from its statistics."""
-    frobenius = math.sqrt(s.sum_sq)
-    return {"rms": frobenius / math.sqrt(s.numel), "supremum": s.max_abs, "frobenius": frobenius}
+    """The norms of ``diag(b)`` from the statistics of ``b`` (``rms``: of the n stored entries)."""
+    norms = matrix_norms_from_stats(MatrixStats(
+        d_out=s.numel, d_in=s.numel, sigma_max=s.max_abs, max_row_sq=s.max_abs ** 2, max_col_sq=s.max_abs ** 2,
+        sum_sq=s.sum_sq, max_abs=s.max_abs, sigma_min=s.min_abs))
+    norms["rms"] = norms["frobenius"] / math.sqrt(s.numel)
+    return norms
 
 
 def matrix_stats(W: torch.Tensor, with_condition: bool = False) -> MatrixStats:
@@ -99,12 +108,13 @@ def matrix_norms(W: torch.Tensor, with_condition: bool = False) -> dict[str, flo
     return matrix_norms_from_stats(matrix_stats(W, with_condition))
 
 
-def vector_norms(b: torch.Tensor) -> dict[str, float]:
-    """rms, supremum and ℓ2 norm of a 1-D tensor, in float64."""
+def vector_norms(b: torch.Tensor, with_condition: bool = False) -> dict[str, float]:
+    """The norms of ``diag(b)`` of a 1-D tensor, in float64 (see the module docstring)."""
     if b.dim() != 1:
         raise ValueError(f"vector norms need a 1-D tensor, got shape {tuple(b.shape)}")
     b = b.detach().double()
-    return vector_norms_from_stats(VectorStats(b.numel(), float(b.square().sum()), float(b.abs().max())))
+    return vector_norms_from_stats(VectorStats(b.numel(), float(b.square().sum()), float(b.abs().max()),
+                                               float(b.abs().min()) if with_condition else None))
 
 
 def aggregate_groups(norms: Mapping[str, Mapping[str, float]], numels: Mapping[str, int],

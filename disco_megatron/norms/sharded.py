@@ -12,25 +12,32 @@ The statistics of :class:`~disco_megatron.norms.definitions.MatrixStats` reduce 
   partition_dim 1): a vector ``v`` over A's unsharded dim is replicated, ``u_r = A_r v`` is
   this rank's slice of ``A v``, and ``AᵀA v = Σ_r A_rᵀ u_r`` is one all-reduce per iteration.
   The iteration is Lanczos (Krylov-accelerated power iteration: same products, same
-  communication, the Rayleigh–Ritz value of all of them instead of the last one; on random
-  Gaussian matrices 30 iterations reach ~1e-5 relative where plain power iteration is ~1e-2
-  off). ``v`` is thus W's right singular vector for partition_dim 0/None and its left one for
-  partition_dim 1. The estimate never exceeds σ_max; :class:`PowerIterationState` keeps ``v``
-  per tensor so later calls warm-start and few iterations suffice while the matrix changes
-  slowly.
-- ``with_condition=True`` needs σ_min, which power iteration does not give cheaply: the
-  matrix is all-gathered over TP and both σ_max and σ_min come from an exact SVD (opt-in,
-  costs a whole matrix per rank and an SVD).
+  communication, the Rayleigh–Ritz value of all of them instead of the last one), run until
+  its residual bound is at most ``PowerIterationState.tol`` (default 1e-4; capped at
+  ``max_iters`` products); the achieved bound is returned as ``sigma_max_rel_bound``. The
+  residual bounds the distance to the *nearest* singular value: when the top of the spectrum is
+  flat (a spectral-LMO update, all singular values near 1) an estimate can meet a bound of 1e-3
+  and still be 1e-3 below σ_max, hence a default 10x tighter than the 1e-3 accuracy asked of it.
+  ``v`` is W's right singular vector for partition_dim 0/None and its left one for
+  partition_dim 1. The estimate never exceeds σ_max;
+  :class:`PowerIterationState` keeps ``v`` per tensor so later calls warm-start and few
+  iterations suffice while the matrix changes slowly.
+- Small matrices (smaller dim ≤ ``PowerIterationState.exact_max_dim``, default 512) and, with
+  ``with_condition=True`` (σ_min, which Lanczos on the top end does not give), every matrix are
+  exact instead: each is gathered to one TP rank only (round-robin over the matrices), which
+  runs its SVD; one all-reduce (2 values per matrix, all matrices at once) shares the results.
 
 Collectives are latency-bound (the vectors are small), so :func:`sharded_norms_many` batches
 them over all tensors of a call: one SUM all-reduce (every partial column-norm² vector and sum
 of squares, concatenated), one MAX all-reduce, and one all-reduce per Lanczos iteration of the
 products of every matrix still iterating (each keeps its own basis and iteration count): 2 +
-the largest iteration count in all, instead of 2 + iterations per tensor.
+the largest iteration count in all, instead of 2 + iterations per tensor; exact matrices add
+one gather each and one all-reduce in all.
 :func:`sharded_norms` is its one-tensor case.
 
-Fused tensors (QKV, SwiGLU ``[gate | up]``) are measured as stored: every norm here is
-invariant to the row order megatron uses for their shards.
+Every norm here is invariant to the row order of the shards' concatenation, so a logical
+matrix's piece (the rows of q, k or v of a fused QKV shard, :mod:`~disco_megatron.norms.matrices`)
+is measured like any row-sharded tensor.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from disco_megatron.norms.definitions import (
+    SIGMA_BOUND,
     MatrixStats,
     VectorStats,
     matrix_norms_from_stats,
@@ -54,33 +62,36 @@ _EXHAUSTED = 1e-4  # relative residual below which fp32 Lanczos stops growing it
 
 @dataclass
 class PowerIterationState:
-    """Warm start for σ_max: the last replicated singular vector of each tensor, by key.
+    """σ_max accuracy and warm starts: the last replicated singular vector of each tensor, by key.
 
-    The iteration is Lanczos (see :class:`_Lanczos`), power iteration's Krylov form.
-
-    ``first_iters`` iterations run from a fixed random start (identical on every TP rank), then
-    ``iters`` per call from the stored vector.
+    A matrix whose smaller full dim is at most ``exact_max_dim`` gets an exact SVD on one TP rank
+    (:func:`_exact_extremes`): cheaper than Lanczos there, whose cost is iterations (up to
+    ``max_iters``, each with a host synchronisation), and a spectral-LMO update's flat spectrum
+    needs many. Larger ones run Lanczos (see :class:`_Lanczos`), power iteration's Krylov form,
+    until its residual bound on σ_max is at most ``tol`` (relative), or ``max_iters`` products; a
+    tensor seen before starts from its stored vector, a new one from a fixed random start
+    (identical on every TP rank).
     """
 
-    iters: int = 5
-    first_iters: int = 30
+    tol: float = 1e-4
+    max_iters: int = 100
+    exact_max_dim: int = 512
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.iters < 1 or self.first_iters < 1:
-            raise ValueError(f"power iterations must be >= 1 (got iters={self.iters}, "
-                             f"first_iters={self.first_iters})")
+        if not 0 < self.tol < 1 or self.max_iters < 1:
+            raise ValueError(f"need 0 < tol < 1 and max_iters >= 1 (got tol={self.tol}, max_iters={self.max_iters})")
 
-    def start(self, key: str, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        """The start vector for ``key`` (length ``n``) and how many iterations to run from it."""
+    def start(self, key: str, n: int, device: torch.device) -> torch.Tensor:
+        """The start vector for ``key`` (length ``n``)."""
         v = self.vectors.get(key)
         if v is not None and v.numel() == n and v.device == device:
-            return v, self.iters
+            return v
         # Drawn on ``device`` by a generator of that device: the same vector on every rank of a
         # group (one seed, one device type), and no host->device copy.
         generator = torch.Generator(device=device).manual_seed(_START_SEED)
         v = torch.randn(n, generator=generator, dtype=torch.float32, device=device)
-        return v / v.norm(), self.first_iters
+        return v / v.norm()
 
 
 def param_partition_dim(param: torch.Tensor) -> int | None:
@@ -110,55 +121,59 @@ def global_numel(local: torch.Tensor, partition_dim: int | None, group: dist.Pro
 
 
 class _Lanczos:
-    """σ_max of one row-sharded ``A`` by Lanczos on ``AᵀA``, one product at a time.
+    """σ_max of one row-sharded ``A`` by Lanczos on ``AᵀA``, one product at a time, to a tolerance.
 
     ``A_local`` is this rank's row block; ``v`` (length ``A.size(1)``, unit norm) is replicated
     over the TP group. Each iteration is one product ``AᵀA·v = Σ_r A_rᵀ(A_r v)``: this rank's
     term comes from :meth:`next_product_local`, the caller all-reduces it (for many matrices at
-    once, :func:`_run_lanczos`) and hands the sum to :meth:`absorb`. As in power iteration, but the
-    estimate is the Rayleigh–Ritz value of the whole Krylov space the products span, which
-    converges far faster when the top singular values are close (random matrices). The Krylov
-    basis is fully re-orthogonalised and the Ritz value is computed from the projection
-    ``Vᵀ(AᵀA V)`` itself, so it stays a lower bound of σ_max² even when the space is exhausted
-    early. No host synchronisation before :meth:`result`; tensors are returned.
+    once, :func:`_run_lanczos`) and hands the sum to :meth:`absorb`. The estimate is the largest
+    Rayleigh–Ritz value θ of the Krylov space the products span (fully re-orthogonalised basis
+    V, products P = AᵀA·V, projection VᵀP), a lower bound of σ_max². Its residual
+    ``r = ‖P y − θ V y‖`` (y: θ's Ritz coefficients) bounds the distance from θ to an eigenvalue
+    of AᵀA: ``|λ − θ| ≤ r``, hence ``|σ − √θ| ≤ r/√θ``; iteration stops once that relative bound
+    ``r/θ`` is at most ``tol``, after ``max_iters`` products, or when the Krylov space is
+    exhausted (then r is round-off). Every rank computes the same replicated values, so all
+    stop together. One host synchronisation per product (the small eigenproblem).
     """
 
-    def __init__(self, A_local: torch.Tensor, v: torch.Tensor, iters: int) -> None:
-        self.A_local, self.iters = A_local, iters
+    def __init__(self, A_local: torch.Tensor, v: torch.Tensor, tol: float, max_iters: int) -> None:
+        self.A_local, self.tol, self.max_iters = A_local, tol, max_iters
         self.basis, self.products = [v], []
-
-    @property
-    def running(self) -> bool:
-        return len(self.products) < self.iters
+        self.running = True
+        self.theta, self.bound, self.ritz = 0.0, math.inf, v
 
     def next_product_local(self) -> torch.Tensor:
         """This rank's term ``A_rᵀ(A_r v)`` of the next product, ``v`` the newest basis vector."""
         return self.A_local.t() @ (self.A_local @ self.basis[-1])
 
     def absorb(self, w: torch.Tensor) -> None:
-        """Take the reduced product ``AᵀA v`` and, unless this was the last, extend the basis by it."""
+        """Take the reduced product ``AᵀA v``, update the estimate and its bound, extend the basis."""
         self.products.append(w)
-        if not self.running:
+        V, P = torch.stack(self.basis, dim=1), torch.stack(self.products, dim=1)
+        H = (V.t() @ P).double().cpu()
+        theta, Y = torch.linalg.eigh((H + H.t()) / 2)
+        y = Y[:, -1].to(V)
+        self.theta = max(float(theta[-1]), 0.0)
+        ritz = V @ y
+        self.ritz = ritz / torch.linalg.vector_norm(ritz).clamp_min(torch.finfo(ritz.dtype).tiny)
+        residual_norm = float(torch.linalg.vector_norm(P @ y - self.theta * ritz))
+        self.bound = residual_norm / self.theta if self.theta > 0 else 0.0
+        if self.bound <= self.tol or len(self.products) >= self.max_iters:
+            self.running = False
             return
-        V = torch.stack(self.basis, dim=1)
         residual = w
         for _ in range(2):
             residual = residual - V @ (V.t() @ residual)
         beta = torch.linalg.vector_norm(residual)
-        # A residual at round-off level cannot be orthonormalised: the Krylov space is exhausted
-        # (or converged); continue with zero vectors, which add only zero rows to the projection.
-        alive = beta > _EXHAUSTED * torch.linalg.vector_norm(w)
-        self.basis.append(torch.where(alive, residual / beta.clamp_min(torch.finfo(w.dtype).tiny),
-                                      torch.zeros_like(residual)))
+        if float(beta) <= _EXHAUSTED * float(torch.linalg.vector_norm(w)):
+            self.running = False  # the Krylov space is exhausted: θ is exact up to round-off
+            return
+        self.basis.append(residual / beta)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ_max estimate, its right singular vector estimate of ``A``, unit norm)."""
-        V = torch.stack(self.basis, dim=1)
-        H = (V.t() @ torch.stack(self.products, dim=1)).double().cpu()
-        theta, Y = torch.linalg.eigh((H + H.t()) / 2)
-        ritz = V @ Y[:, -1].to(V)
-        return theta[-1].clamp_min(0).sqrt().to(self.A_local), ritz / torch.linalg.vector_norm(ritz).clamp_min(
-            torch.finfo(ritz.dtype).tiny)
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(σ_max estimate, its right singular vector estimate of ``A``, relative error bound)."""
+        return torch.tensor(math.sqrt(self.theta), dtype=self.A_local.dtype, device=self.A_local.device), \
+            self.ritz, self.bound
 
 
 def _run_lanczos(solvers: Sequence[_Lanczos], group: dist.ProcessGroup | None) -> None:
@@ -169,14 +184,6 @@ def _run_lanczos(solvers: Sequence[_Lanczos], group: dist.ProcessGroup | None) -
         for solver, w in zip(running, _all_reduce_parts([s.next_product_local() for s in running],
                                                         dist.ReduceOp.SUM, group)):
             solver.absorb(w)
-
-
-def _gather_full(x: torch.Tensor, partition_dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if _world(group) == 1:
-        return x
-    shards = [torch.empty_like(x) for _ in range(_world(group))]
-    dist.all_gather(shards, x.contiguous(), group=group)
-    return torch.cat(shards, dim=partition_dim)
 
 
 def _checked(key: str, local: torch.Tensor, partition_dim: int | None) -> torch.Tensor:
@@ -210,8 +217,8 @@ def sharded_norms_many(items: Sequence[tuple[str, torch.Tensor, int | None]], gr
     The split tensors (partition_dim 0/1) share one SUM all-reduce, one MAX all-reduce and one
     all-reduce per Lanczos iteration over ``group``: every rank of it must pass the same split
     tensors in the same order (their replicated ones may differ: those need no communication).
-    ``state`` warm-starts σ_max under each key. ``with_condition`` all-gathers each split matrix
-    (exact SVD), one collective per matrix.
+    ``state`` warm-starts σ_max under each key and sets its tolerance. ``with_condition``: exact
+    σ_max and σ_min, each matrix gathered to one TP rank (one collective per matrix).
     """
     keys = [key for key, _, _ in items]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
@@ -235,7 +242,8 @@ def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.
     for A in views:
         if A.dim() == 1:
             sums.append(torch.linalg.vector_norm(A).square().view(1))
-            maxes.append(torch.linalg.vector_norm(A, ord=math.inf).view(1))
+            # min|b| for diag(b)'s condition number rides the MAX all-reduce as -min|b|.
+            maxes.append(torch.stack([A.abs().amax(), -A.abs().amin()]) if with_condition else A.abs().amax().view(1))
         else:
             # square().sum(0) and abs().amax(): vector_norm across rows or with ord=inf is ~5x slower on CPU.
             a_rows_sq = torch.linalg.vector_norm(A, dim=1).square()
@@ -246,8 +254,8 @@ def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.
     matrices = [i for i, A in enumerate(views) if A.dim() == 2]
     extremes = dict(zip(matrices, _extreme_singular_values(
         [(items[i][0], items[i][1], views[i], items[i][2]) for i in matrices], group, state, with_condition)))
-    rows = [[sums[i][0], maxes[i][0]] if A.dim() == 1 else
-            [extremes[i][0], maxes[i][0], sums[i][:-1].max(), sums[i][-1], maxes[i][1], *extremes[i][1:]]
+    rows = [[sums[i][0], *maxes[i]] if A.dim() == 1 else
+            [maxes[i][0], sums[i][:-1].max(), sums[i][-1], maxes[i][1], *extremes[i]]
             for i, A in enumerate(views)]
     flat = iter(torch.stack([s for row in rows for s in row]).tolist())  # the one host transfer of values
     return {key: _norms_from_values(x, pdim, group, [next(flat) for _ in row])
@@ -257,37 +265,73 @@ def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.
 def _extreme_singular_values(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | None]],
                              group: dist.ProcessGroup | None, state: PowerIterationState,
                              with_condition: bool) -> list[list[torch.Tensor]]:
-    """``[σ_max]`` of each ``(key, W shard, A shard, partition_dim)`` by Lanczos (warm-started from
-    and saved to ``state``), or ``[σ_max, σ_min]`` exact from the gathered matrix with the
-    condition number."""
-    if with_condition:
-        singular = [torch.linalg.svdvals(_gather_full(x, pdim or 0, group)) for _, x, _, pdim in matrices]
-        return [[s[0], s[-1]] for s in singular]
-    solvers = [_Lanczos(A, *state.start(key, A.size(1), A.device)) for key, _, A, _ in matrices]
+    """``[σ_max, its relative error bound]`` of each ``(key, W shard, A shard, partition_dim)``: by
+    Lanczos (warm-started from and saved to ``state``), or exact (bound 0, :func:`_exact_extremes`)
+    for a matrix no larger than ``state.exact_max_dim`` in its smaller dim; with the condition
+    number every matrix is exact and gets ``σ_min`` appended."""
+    world = _world(group)
+    exact = [i for i, (_, _, A, pdim) in enumerate(matrices)
+             if with_condition or min(A.size(0) * (world if pdim is not None else 1), A.size(1)) <= state.exact_max_dim]
+    out = {i: values if with_condition else values[:2]
+           for i, values in zip(exact, _exact_extremes([matrices[i] for i in exact], group))}
+    iterated = [i for i in range(len(matrices)) if i not in out]
+    solvers = [_Lanczos(matrices[i][2], state.start(matrices[i][0], matrices[i][2].size(1), matrices[i][2].device),
+                        state.tol, state.max_iters) for i in iterated]
     _run_lanczos(solvers, group)
-    out = []
-    for (key, *_), solver in zip(matrices, solvers):
-        sigma_max, v = solver.result()
+    for i, solver in zip(iterated, solvers):
+        sigma_max, v, bound = solver.result()
         if float(sigma_max) > 0:
-            state.vectors[key] = v
+            state.vectors[matrices[i][0]] = v
         else:
-            state.vectors.pop(key, None)  # a zero or non-finite matrix leaves no useful direction
-        out.append([sigma_max])
-    return out
+            state.vectors.pop(matrices[i][0], None)  # a zero or non-finite matrix leaves no useful direction
+        out[i] = [sigma_max, torch.tensor(bound, dtype=sigma_max.dtype, device=sigma_max.device)]
+    return [out[i] for i in range(len(matrices))]
+
+
+def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | None]],
+                    group: dist.ProcessGroup | None) -> list[list[torch.Tensor]]:
+    """Exact ``[σ_max, 0, σ_min]`` of each matrix, each SVD on one rank only.
+
+    Matrix i is gathered to TP rank ``i mod t`` alone (one gather per matrix, the full matrix
+    on its owner only), which runs its SVD; one SUM all-reduce of the 2 values per matrix
+    (zeros from non-owners) then gives every rank all of them. Costs one SVD per matrix per
+    logging step, spread over the TP ranks.
+    """
+    if not matrices:
+        return []
+    world, rank = _world(group), (dist.get_rank(group) if group is not None else 0)
+    values = [torch.zeros(2, dtype=A.dtype, device=A.device) for _, _, A, _ in matrices]
+    for i, (_, _, A, _) in enumerate(matrices):
+        owner = i % world
+        shards = ([torch.empty(A.shape, dtype=A.dtype, device=A.device) for _ in range(world)]
+                  if rank == owner and world > 1 else None)
+        if world > 1:
+            dist.gather(A.contiguous(), shards, group_dst=owner, group=group)
+        if rank == owner:
+            singular = torch.linalg.svdvals(torch.cat(shards) if shards else A)
+            values[i] = torch.stack([singular[0], singular[-1]])
+    values = _all_reduce_parts(values, dist.ReduceOp.SUM, group)
+    return [[v[0], torch.zeros_like(v[0]), v[1]] for v in values]
 
 
 def _norms_from_values(x: torch.Tensor, partition_dim: int | None, group: dist.ProcessGroup | None,
                        values: list[float]) -> dict[str, float]:
-    """The norms of the whole tensor from its reduced statistics (``values``, as ``_batch_norms`` rows them)."""
+    """The norms of the whole tensor from its reduced statistics (``values``, as ``_batch_norms`` rows them).
+
+    A matrix's norms include ``sigma_max_rel_bound``: the bound on σ_max's relative error (0 when exact).
+    """
     if x.dim() == 1:
-        return vector_norms_from_stats(VectorStats(global_numel(x, partition_dim, group), values[0], values[1]))
+        sum_sq, max_abs, *neg_min = values
+        return vector_norms_from_stats(VectorStats(global_numel(x, partition_dim, group), sum_sq, max_abs,
+                                                   -neg_min[0] if neg_min else None))
     d_out, d_in = x.shape
     if partition_dim == 0:
         d_out *= _world(group)
     elif partition_dim == 1:
         d_in *= _world(group)
-    sigma_max, a_row, a_col, sum_sq, max_abs, *sigma_min = values
+    a_row, a_col, sum_sq, max_abs, sigma_max, bound, *sigma_min = values
     max_row_sq, max_col_sq = (a_col, a_row) if partition_dim == 1 else (a_row, a_col)
-    return matrix_norms_from_stats(MatrixStats(
+    norms = matrix_norms_from_stats(MatrixStats(
         d_out=d_out, d_in=d_in, sigma_max=sigma_max, max_row_sq=max_row_sq, max_col_sq=max_col_sq,
         sum_sq=sum_sq, max_abs=max_abs, sigma_min=sigma_min[0] if sigma_min else None))
+    return {**norms, SIGMA_BOUND: bound}

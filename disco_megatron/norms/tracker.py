@@ -4,18 +4,22 @@ On a logging step (``step % interval == 0``; nothing at all happens on other ste
 training loop calls :meth:`NormTracker.before_step` just before ``optimizer.step()`` (an fp32
 snapshot of this rank's parameters, transient: 4 bytes per local parameter entry) and
 :meth:`NormTracker.after_step` just after it. The tracker only reads parameters, so it works
-with any optimizer (Scion, Adam). It measures the model's parameters as stored (with bf16
-weights: the bf16 values, whose update is the fp32 master update after rounding).
+with any optimizer (Scion, Adam). Norms are per logical matrix in the reference's orientation
+(:mod:`~disco_megatron.norms.matrices`): q, k, v and gate, up separately, embeddings transposed.
+Three kinds are measured: ``params`` (the model's parameters after the step, as stored: bf16
+values with bf16 weights), ``updates`` (the optimizer's step, the reference's "update", from a
+step source; absent without one) and ``weight_changes`` (``W_after − W_before``: the step plus
+weight decay, the constrained shrink and rounding).
 
 Who does what:
 
 - DP replicas hold identical parameters: only ``dp_rank == 0`` ranks compute; the others
   return at once.
 - Within a stage the TP ranks of DP replica 0 compute every split tensor together, all of them
-  in one :func:`~disco_megatron.norms.sharded.sharded_norms_many` call per kind (params,
-  updates): 2 + (largest σ_max iteration count) all-reduces over ``tp_group`` per kind, however
-  many tensors; ``named_params`` order is the same on every TP rank. Replicated tensors are
-  computed by TP rank 0 alone, in the same call, without communication.
+  in one :func:`~disco_megatron.norms.sharded.sharded_norms_many` call per kind: 2 +
+  (largest σ_max iteration count) all-reduces over ``tp_group`` per kind, however many tensors
+  (plus one gather per exactly computed matrix); ``named_params`` order is the same on every TP
+  rank. Replicated tensors are computed by TP rank 0 alone, in the same call, without communication.
 - TP rank 0 of each stage (DP replica 0) sends its results with one object gather over
   ``pp_group`` to the **last stage's** TP-rank-0 rank, the writer rank (docs/design.md §2:
   that is where the loss is, and where the training loop logs). It aggregates the groups
@@ -24,9 +28,12 @@ Who does what:
 
 Record (one per logged step)::
 
-    {"step", "tokens", "loss", "lr": {group: lr}, "params": {name: {norm: value}},
-     "updates": {name: {norm: value}}, "groups": {"param": {group: {norm: value}},
-     "update": {group: {norm: value}}}}
+    {"step", "tokens", "loss", "lr": {group: lr}, "params": {key: {norm: value}},
+     "updates": {key: {norm: value}}, "weight_changes": {key: {norm: value}},
+     "groups": {"param" | "update" | "weight_change": {group: {norm: value}}}}
+
+``key``: a logical matrix's key (``<name>`` or ``<name>:<part>``); a matrix's norms include
+``sigma_max_rel_bound``, the achieved bound on σ_max's relative error.
 """
 from __future__ import annotations
 
@@ -36,9 +43,11 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from disco_megatron.models.naming import param_group
 from disco_megatron.norms.definitions import aggregate_groups
+from disco_megatron.norms.matrices import logical_pieces, matrix_group
 from disco_megatron.norms.sharded import PowerIterationState, global_numel, param_partition_dim, sharded_norms_many
+from disco_megatron.norms.writers import RECORD_KINDS as _KINDS
+from disco_megatron.optim.layout import ModelShape
 
 
 class NormWriter(Protocol):
@@ -47,12 +56,23 @@ class NormWriter(Protocol):
     def write(self, record: dict) -> None: ...
 
 
+class StepSource(Protocol):
+    """The optimizer's step of each parameter, by ``id`` of the parameter (collective)."""
+
+    def before_step(self) -> None: ...
+
+    def __call__(self) -> dict[int, torch.Tensor]: ...
+
+
 class NormTracker:
-    """Norms of parameters and updates every ``interval`` steps (see the module docstring).
+    """Norms of parameters, optimizer steps and weight changes every ``interval`` steps (see the module docstring).
 
     ``named_params`` carry global names (PP layer indices already made global) and megatron's
-    ``tensor_model_parallel``/``partition_dim`` attributes (absent: replicated).
-    ``power_iters``/``first_power_iters``: σ_max power iterations per call, warm / cold.
+    ``tensor_model_parallel``/``partition_dim`` attributes (absent: replicated). ``model_cfg``
+    gives the fused tensors' logical matrices (:mod:`~disco_megatron.norms.matrices`).
+    ``step_source``: the optimizer's step per parameter (:class:`~disco_megatron.norms.steps.ScionStepSource`);
+    without one the record has no ``updates``. ``sigma_tol``/``max_power_iters``: σ_max's
+    relative error bound and the Lanczos cap.
     """
 
     def __init__(
@@ -65,11 +85,13 @@ class NormTracker:
         pp_rank: int,
         pp_size: int,
         writers: Sequence[NormWriter],
-        group_of: Callable[[str], str] = param_group,
+        group_of: Callable[[str], str] = matrix_group,
         with_condition: bool = False,
         *,
-        power_iters: int = 5,
-        first_power_iters: int = 30,
+        model_cfg: ModelShape,
+        step_source: StepSource | None = None,
+        sigma_tol: float = 1e-4,
+        max_power_iters: int = 100,
     ) -> None:
         if interval < 1:
             raise ValueError(f"--norm-log-interval must be >= 1 (got {interval})")
@@ -87,14 +109,20 @@ class NormTracker:
         self.writers = list(writers)
         self.group_of = group_of
         self.with_condition = with_condition
-        tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        self.model_cfg = model_cfg
+        self.step_source = step_source
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        self.tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.computes = dp_rank == 0
-        self.contributes = self.computes and tp_rank == 0
+        self.contributes = self.computes and self.tp_rank == 0
         self.is_writer = self.contributes and pp_rank == pp_size - 1
         with_dims = [(name, p, param_partition_dim(p)) for name, p in named_params]
-        self._mine = [(n, p, d) for n, p, d in with_dims if self.computes and (d is not None or tp_rank == 0)]
-        self._states = {kind: PowerIterationState(iters=power_iters, first_iters=first_power_iters)
-                        for kind in ("param", "update")}
+        self._mine = [(n, p, d) for n, p, d in with_dims if self.computes and (d is not None or self.tp_rank == 0)]
+        # Logical matrices' global entry counts, from the shapes alone (meta tensors: no copy of an
+        # FP8 parameter); a shape the model config does not explain fails here, at start-up.
+        self._numels = {key: global_numel(piece, pdim, tp_group) for name, p, pdim in self._mine
+                        for key, piece, pdim in self._pieces(name, torch.empty(p.shape, device="meta"), pdim)}
+        self._states = {kind: PowerIterationState(tol=sigma_tol, max_iters=max_power_iters) for kind, _ in _KINDS}
         self._before: dict[str, torch.Tensor] = {}
         self._before_step: int | None = None
 
@@ -102,9 +130,11 @@ class NormTracker:
         return step % self.interval == 0
 
     def before_step(self, step: int) -> None:
-        """Snapshot this rank's parameters (fp32 copy) on a logging step."""
+        """Snapshot this rank's parameters (fp32 copy) on a logging step; every rank calls it."""
         if not self.should_log(step):
             return
+        if self.step_source is not None:
+            self.step_source.before_step()
         self._before = {name: p.detach().to(torch.float32, copy=True) for name, p, _ in self._mine}
         self._before_step = step
 
@@ -112,14 +142,16 @@ class NormTracker:
                    lrs: dict[str, float]) -> dict | None:
         """Compute, gather and write the norms of ``step``; the record on the writer rank, else None.
 
-        ``loss`` matters on the writer rank only (the last stage, where the loss is known).
+        Every rank calls it (the step source is collective). ``loss`` matters on the writer rank
+        only (the last stage, where the loss is known).
         """
         if not self.should_log(step):
             return None
-        if self.computes and self._before_step != step:
+        if self._before_step != step and (self.computes or self.step_source is not None):
             raise RuntimeError(f"NormTracker.after_step({step}) without before_step({step}): call "
                                "before_step right before optimizer.step() on logging steps")
-        local = self._compute() if self.computes else None
+        steps = self.step_source() if self.step_source is not None else None
+        local = self._compute(steps) if self.computes else None
         self._before, self._before_step = {}, None
         if not self.contributes:
             return None
@@ -131,17 +163,21 @@ class NormTracker:
             writer.write(record)
         return record
 
-    def _compute(self) -> dict:
-        afters = [(name, p.detach().float(), pdim) for name, p, pdim in self._mine]
-        # Each update is written over its snapshot: all updates are alive at once for the batched
-        # call, without a second fp32 copy of the parameters.
-        updates = [(name, torch.sub(after, self._before[name], out=self._before[name]), pdim)
-                   for name, after, pdim in afters]
-        return {"params": self._norms("param", afters), "updates": self._norms("update", updates),
-                "numels": {name: global_numel(p, pdim, self.tp_group) for name, p, pdim in self._mine}}
+    def _pieces(self, name: str, tensor: torch.Tensor, pdim: int | None) -> list[tuple[str, torch.Tensor, int | None]]:
+        return logical_pieces(name, tensor, pdim, self.model_cfg, self.tp_size, self.tp_rank)
 
-    def _norms(self, kind: str, items: list[tuple[str, torch.Tensor, int | None]]) -> dict[str, dict[str, float]]:
-        return sharded_norms_many(items, self.tp_group, state=self._states[kind], with_condition=self.with_condition)
+    def _compute(self, steps: dict[int, torch.Tensor] | None) -> dict:
+        afters = [(name, p.detach().float(), pdim) for name, p, pdim in self._mine]
+        tensors = {"params": afters,
+                   # Each weight change is written over its snapshot: no second fp32 copy of the parameters.
+                   "weight_changes": [(name, torch.sub(after, self._before[name], out=self._before[name]), pdim)
+                                      for name, after, pdim in afters]}
+        if steps is not None:
+            tensors["updates"] = [(name, steps[id(p)], pdim) for name, p, pdim in self._mine if id(p) in steps]
+        out = {key: sharded_norms_many([piece for name, t, pdim in items for piece in self._pieces(name, t, pdim)],
+                                       self.tp_group, state=self._states[kind], with_condition=self.with_condition)
+               for kind, key in _KINDS if (items := tensors.get(key)) is not None}
+        return {**out, "numels": self._numels}
 
     def _gather(self, local: dict) -> list[dict]:
         if self.pp_size == 1 or self.pp_group is None:
@@ -152,17 +188,14 @@ class NormTracker:
 
     def _record(self, step: int, tokens: int, loss: float | None, lrs: dict[str, float],
                 stages: list[dict]) -> dict:
+        present = [(kind, key) for kind, key in _KINDS if key in stages[0]]
         merged = {key: {name: value for stage in stages for name, value in stage[key].items()}
-                  for key in ("params", "updates", "numels")}
+                  for key in [key for _, key in present] + ["numels"]}
         return {
             "step": int(step),
             "tokens": int(tokens),
             "loss": None if loss is None else float(loss),
             "lr": {group: float(lr) for group, lr in lrs.items()},
-            "params": merged["params"],
-            "updates": merged["updates"],
-            "groups": {
-                "param": aggregate_groups(merged["params"], merged["numels"], self.group_of),
-                "update": aggregate_groups(merged["updates"], merged["numels"], self.group_of),
-            },
+            **{key: merged[key] for _, key in present},
+            "groups": {kind: aggregate_groups(merged[key], merged["numels"], self.group_of) for kind, key in present},
         }

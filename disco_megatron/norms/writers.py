@@ -1,9 +1,9 @@
 """Where norm records go: one JSON line per logged step, and TensorBoard scalars.
 
 JSONL is strict JSON: non-finite values (a diverged run's NaN/inf norms or loss) are written
-as ``null``. TensorBoard tags: ``norms/param/<norm>/<param name>``,
-``norms/update/<norm>/<param name>``, ``norms/group/param/<norm>/<group>``,
-``norms/group/update/<norm>/<group>``, plus ``norms/tokens``, ``norms/loss`` and
+as ``null``. TensorBoard tags: ``norms/<kind>/<norm>/<matrix key>`` and
+``norms/group/<kind>/<norm>/<group>`` for each kind of :data:`RECORD_KINDS` the record has,
+plus ``norms/tokens``, ``norms/loss`` and
 ``norms/lr/<group>`` so that a run with only TensorBoard events still holds whole records
 (TensorBoard stores float32: token counts above 2^24 are rounded).
 """
@@ -15,7 +15,18 @@ import os
 import warnings
 from typing import Any
 
-_KINDS = (("param", "params"), ("update", "updates"))
+from disco_megatron.config import RunDir
+
+# (kind, record key): parameters, the optimizer's steps, the actual weight changes.
+RECORD_KINDS = (("param", "params"), ("update", "updates"), ("weight_change", "weight_changes"))
+
+
+def norm_log_path(explicit: str | None, run_dir: str | None, tensorboard_dir: str | None,
+                  save: str | None) -> str | None:
+    """Where norms.jsonl goes: ``explicit``, else the first of the run, TensorBoard and checkpoint
+    directories that is set (one rule for ``disco-pretrain`` and the Megatron-LM plug-in)."""
+    directory = run_dir or tensorboard_dir or save
+    return explicit or (directory and RunDir(directory).norms) or None
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -88,7 +99,9 @@ class TensorBoardNormWriter:
         self._scalar("norms/loss", record.get("loss"), step)
         for group, lr in record.get("lr", {}).items():
             self._scalar(f"norms/lr/{group}", lr, step)
-        for kind, key in _KINDS:
+        for kind, key in RECORD_KINDS:
+            if key not in record:
+                continue
             for name, norms in record[key].items():
                 for norm, value in norms.items():
                     self._scalar(f"norms/{kind}/{norm}/{name}", value, step)
@@ -112,10 +125,18 @@ def read_norms_tensorboard(directory: str) -> list[dict]:
                 continue
             for event in accumulator.Scalars(tag):
                 record = by_step.setdefault(event.step, {
-                    "step": event.step, "tokens": None, "loss": None, "lr": {}, "params": {}, "updates": {},
-                    "groups": {"param": {}, "update": {}}})
+                    "step": event.step, "tokens": None, "loss": None, "lr": {},
+                    **{key: {} for _, key in RECORD_KINDS}, "groups": {kind: {} for kind, _ in RECORD_KINDS}})
                 _set_from_tag(record, tag, event.value)
-    return [by_step[step] for step in sorted(by_step)]
+    return [_without_absent_kinds(by_step[step]) for step in sorted(by_step)]
+
+
+def _without_absent_kinds(record: dict) -> dict:
+    """The record without the kinds it has no scalar of (as written: e.g. no ``updates`` without a step source)."""
+    for kind, key in RECORD_KINDS:
+        if not record[key] and not record["groups"][kind]:
+            del record[key], record["groups"][kind]
+    return record
 
 
 def _set_from_tag(record: dict, tag: str, value: float) -> None:
@@ -128,5 +149,5 @@ def _set_from_tag(record: dict, tag: str, value: float) -> None:
         record["lr"][parts[2]] = value
     elif parts[1] == "group" and len(parts) == 5 and parts[2] in record["groups"]:
         record["groups"][parts[2]].setdefault(parts[4], {})[parts[3]] = value
-    elif len(parts) == 4 and parts[1] in dict(_KINDS):
-        record[dict(_KINDS)[parts[1]]].setdefault(parts[3], {})[parts[2]] = value
+    elif len(parts) == 4 and parts[1] in dict(RECORD_KINDS):
+        record[dict(RECORD_KINDS)[parts[1]]].setdefault(parts[3], {})[parts[2]] = value

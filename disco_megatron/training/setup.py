@@ -62,7 +62,7 @@ def setup_run(cfg: RunConfig, dp: int) -> Run:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(RunDir(cfg.run_dir).run_config, "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-    tracker = build_norm_tracker(cfg, info, parts.model, writer)
+    tracker = build_norm_tracker(cfg, info, parts.model, writer, parts.optimizer)
     return Run(cfg, info, parts, state, train_batches, valid_ds, cfg.num_microbatches(dp), writer, tracker)
 
 
@@ -111,19 +111,23 @@ def resume(cfg: RunConfig, info: ParallelInfo, parts: Trainable) -> storage.Trai
     return state
 
 
-def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter]):
-    """The per-step norm tracker; it writes norms.jsonl and TensorBoard scalars on the writer rank."""
+def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter], optimizer):
+    """The per-step norm tracker; it writes ``--norm-log-file`` and TensorBoard scalars on the writer rank."""
     from megatron.core import parallel_state as ps
 
     from disco_megatron.models.sharding import global_param_name
-    from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter
+    from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter, norm_log_path
+    from disco_megatron.norms.steps import optimizer_step_source
 
     writers = []
-    if writer is not None and cfg.run_dir:
-        writers.append(JsonlNormWriter(RunDir(cfg.run_dir).norms))
+    path = norm_log_path(cfg.norm_log_file, cfg.run_dir, cfg.tensorboard_dir, cfg.save)
+    if writer is not None and path:
+        writers.append(JsonlNormWriter(path))
     if writer is not None and writer.tb is not None:
         writers.append(TensorBoardNormWriter(writer.tb))
     named = [(global_param_name(name, info.pp_rank, cfg.model.num_layers, info.pp), param)
              for name, param in model.named_parameters()]
     return NormTracker(named, cfg.norm_log_interval, ps.get_tensor_model_parallel_group(),
-                       ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers)
+                       ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers,
+                       with_condition=cfg.norm_condition_number, model_cfg=model.config,
+                       step_source=optimizer_step_source(optimizer, [p for _, p in named]))

@@ -38,9 +38,10 @@ def _optimizer_and_norms_worker(rank: int, world: int, out: str) -> None:
             step_reads.append(dict(audit.host_reads))
         run = runs[0]
         items = [(name, p.detach(), run.layouts[p].partition_dim) for name, p in run.params.items()]
-        state = PowerIterationState(iters=2, first_iters=4)
-        for _ in range(2):  # cold start, then warm start from the stored vectors
-            sharded_norms_many(items, groups.tp, state=state)
+        # Lanczos (cold start, then warm start from the stored vectors) and the exact-SVD path.
+        for state in (PowerIterationState(exact_max_dim=0, max_iters=8), PowerIterationState()):
+            for _ in range(2):
+                sharded_norms_many(items, groups.tp, state=state, with_condition=True)
     torch.save({"violations": audit.violations, "step_reads": step_reads}, f"{out}.{rank}")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from disco_megatron.config import RunConfig
 from disco_megatron.models import build_gpt_model, wrap_ddp
+from disco_megatron.models.init import initialize_weights
 
 
 @dataclass
@@ -25,8 +26,10 @@ class Trainable:
 
 
 def build_trainable(cfg: RunConfig) -> Trainable:
-    """Model stage, DDP, optimizer and scheduler of ``cfg`` (megatron parallel_state initialised)."""
+    """Model stage (``--init-method``'s weights, before DDP and the optimizer copy them), DDP, optimizer and
+    scheduler of ``cfg`` (megatron parallel_state initialised)."""
     model = build_gpt_model(cfg.model)
+    initialize_weights(model, cfg.model, method=cfg.init_method, seed=cfg.seed, output_lmo=cfg.scion.output_lmo)
     ddp = wrap_ddp(model)
     optimizer = build_optimizer(cfg, [ddp])
     return Trainable(model, ddp, optimizer, build_scheduler(cfg, optimizer))

@@ -160,6 +160,20 @@ class ModelConfig:
                 raise ConfigError(message)
 
 
+# --init-method: what each choice draws is models/init.py; left unset, the optimizer picks it.
+INIT_METHODS: tuple[str, ...] = ("scion", "megatron")
+INIT_METHOD_OF_OPTIMIZER = {"scion": "scion", "adam": "megatron"}
+INIT_METHOD_HELP = (
+    "weight init, the same full weights at every TP x PP x DP for one --seed. scion: the Scion paper's "
+    "inits (Pethick et al. 2025, arXiv:2502.07529) as its reference rakkit/disco draws them "
+    "(disco/orthognal_init.py): hidden matrices scaled_orthogonal (every singular value sqrt(d_out/d_in), Q/K/V "
+    "and gate/up each), embedding scion_normal_input (rows RMS 1), output scion_normal_output (rows l2 "
+    "1/sqrt(d_in)) or, with --scion-output-lmo sign, random +-1/d_in (LIONS-EPFL/scion Sign.init); megatron: "
+    "N(0, --init-method-std), linear_proj/linear_fc2 divided by sqrt(2 x layers) (megatron-core's "
+    "init_method_normal / scaled_init_method_normal). Both: norm weights ones, biases zero. "
+    "(default: scion with --optimizer scion, megatron with adam)")
+
+
 @dataclass
 class RunConfig:
     """Everything a pretraining run needs, resolved from flags."""
@@ -183,6 +197,7 @@ class RunConfig:
     adam_eps: float = 1e-8
     clip_grad: float = scion_options.CLIP_GRAD_DEFAULT
     seed: int = 1234
+    init_method: Optional[str] = None  # resolved from --optimizer in __post_init__
     data_path: Optional[str] = None
     tokenizer_model: Optional[str] = None
     split: str = "98,2,0"
@@ -203,6 +218,10 @@ class RunConfig:
     norm_condition_number: bool = False
     max_skipped_steps: int = 5
     distributed_timeout_minutes: int = 5
+
+    def __post_init__(self) -> None:
+        if self.init_method is None:  # resolved once here, so run_config.json records the choice
+            self.init_method = INIT_METHOD_OF_OPTIMIZER.get(self.optimizer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -369,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep FP8 model weights (TransformerEngine), refreshed from fp32 masters")
     run = parser.add_argument_group("run")
     add_flags(run, RUN_FLAGS, run_defaults, "")
+    run.add_argument("--init-method", default=None, metavar="INIT_METHOD", help=INIT_METHOD_HELP)
     run.add_argument("--norm-condition-number", action="store_true",
                      help="log each matrix's condition number (an exact SVD per matrix per logging step)")
     run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")
@@ -380,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 CHOICES = {
     "optimizer": ("--optimizer", ("scion", "adam")),
+    "init_method": ("--init-method", (None, *INIT_METHODS)),
     "lr_decay_style": ("--lr-decay-style", ("constant", "linear", "cosine", "inverse-square-root", "WSD")),
     "model.position_embedding_type": ("--position-embedding-type", ("rope", "learned_absolute")),
     "model.fp8_format": ("--fp8-format", (None, "e4m3", "hybrid")),

@@ -1,4 +1,4 @@
-"""Dualize maps and inits against their definitions and hand-computed values."""
+"""Dualize maps against their definitions and hand-computed values."""
 
 import math
 
@@ -12,9 +12,6 @@ from disco_megatron.optim.lmo import (
     dualize,
     dualize_many,
     embedding_row_rms,
-    init_random_sign_,
-    init_row_normalized_gaussian_,
-    init_semi_orthogonal_,
     row_norm,
     sign,
     spectral,
@@ -149,33 +146,3 @@ def test_dualize_many_equals_one_by_one(name):
     assert len(out) == 3
     for G, D in zip(mats, out):
         torch.testing.assert_close(D, dualize(name, G), rtol=0, atol=2e-6)
-
-
-@pytest.mark.parametrize("shape", [(16, 48), (48, 16)])
-def test_init_semi_orthogonal(shape):
-    W = torch.empty(*shape)
-    init_semi_orthogonal_(W, generator=_gen(11))
-    s = torch.linalg.svdvals(W.double())
-    torch.testing.assert_close(s, torch.full_like(s, math.sqrt(shape[0] / shape[1])),
-                               rtol=0, atol=1e-6)
-    again = torch.empty(*shape)
-    assert torch.equal(init_semi_orthogonal_(again, generator=_gen(11)), W)
-    assert not torch.equal(init_semi_orthogonal_(again, generator=_gen(12)), W)
-
-
-def test_init_row_normalized_gaussian_targets():
-    emb = init_row_normalized_gaussian_(torch.empty(30, 16), "rms", generator=_gen(13))
-    torch.testing.assert_close(emb.square().mean(dim=1).sqrt(), torch.ones(30))
-    out = init_row_normalized_gaussian_(torch.empty(30, 16), "rms_to_inf", generator=_gen(13))
-    torch.testing.assert_close(out.norm(dim=1) * 4.0, torch.ones(30))
-    torch.testing.assert_close(_rms_to_inf(out), torch.tensor(1.0))
-    torch.testing.assert_close(out * 16.0, emb)  # same draw, only the row scale differs
-    with pytest.raises(ValueError, match="'rms' or 'rms_to_inf'"):
-        init_row_normalized_gaussian_(torch.empty(3, 4), "spectral")
-
-
-def test_init_random_sign():
-    W = init_random_sign_(torch.empty(64, 32, dtype=torch.bfloat16), generator=_gen(14))
-    assert set(W.float().unique().tolist()) == {-1 / 32, 1 / 32}
-    torch.testing.assert_close(_rms_to_inf(W.float()), torch.tensor(1.0))
-    assert 0.4 < (W > 0).float().mean().item() < 0.6

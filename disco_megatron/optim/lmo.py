@@ -1,4 +1,4 @@
-"""Dualize maps (linear minimization oracles up to sign) and the matching initialisations.
+"""Dualize maps (linear minimization oracles up to sign); the matching inits are ``models/init.py``.
 
 Each map takes a gradient-like tensor G of a parameter with the nn.Linear / Megatron layout
 ``[d_out, d_in]`` and returns the unit-norm direction of steepest ascent in that layer's norm
@@ -137,59 +137,3 @@ def dualize_many(name: str, matrices: Sequence[Tensor], *, ns_backend: str = "ns
         for i, r in zip(indices, result.unbind(0)):
             out[i] = r
     return out  # type: ignore[return-value]
-
-
-# --- initialisations: put the weight on the unit sphere of its norm (radius scaling is the
-# caller's: multiply by ρ afterwards) ---------------------------------------------------------
-
-
-def _gaussian_like(W: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else W.device
-    return torch.randn(W.shape, generator=generator, device=device, dtype=torch.float64)
-
-
-@torch.no_grad()
-def init_semi_orthogonal_(W: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Semi-orthogonal ×√(d_out/d_in): all singular values √(d_out/d_in), RMS→RMS norm 1."""
-    _check_matrix(W, "spectral init")
-    d_out, d_in = W.shape[-2:]
-    Q = torch.empty(W.shape, dtype=torch.float64,
-                    device=generator.device if generator is not None else W.device)
-    torch.nn.init.orthogonal_(Q, generator=generator)
-    W.copy_(Q * math.sqrt(d_out / d_in))
-    return W
-
-
-@torch.no_grad()
-def init_row_normalized_gaussian_(W: Tensor, target: str = "rms",
-                                  generator: torch.Generator | None = None) -> Tensor:
-    """Gaussian with every row rescaled.
-
-    ``target="rms"``: each row RMS 1 (‖row‖₂ = √d_in), the embedding init (ℓ1→RMS norm 1 of
-    the ``[vocab, hidden]`` table). ``target="rms_to_inf"``: ‖row‖₂ = 1/√d_in, the output-layer
-    init (RMS→∞ norm max_j ‖row_j‖₂·√d_in = 1).
-    """
-    _check_matrix(W, "row-normalized init")
-    d_in = W.size(-1)
-    if target == "rms":
-        row_norm_target = math.sqrt(d_in)
-    elif target == "rms_to_inf":
-        row_norm_target = 1.0 / math.sqrt(d_in)
-    else:
-        raise ValueError(f"unknown init target {target!r}; choose 'rms' or 'rms_to_inf'")
-    X = _gaussian_like(W, generator)
-    X = X / X.norm(dim=-1, keepdim=True) * row_norm_target
-    W.copy_(X)
-    return W
-
-
-@torch.no_grad()
-def init_random_sign_(W: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Entries ±1/d_in with a fair coin: every row has ‖row‖₂ = 1/√d_in, so RMS→∞ norm 1.
-
-    Same scaling as the ``sign`` LMO, so the init lies on the sphere its updates move on.
-    """
-    _check_matrix(W, "random-sign init")
-    X = _gaussian_like(W, generator)
-    W.copy_(torch.where(X >= 0, 1.0, -1.0) / W.size(-1))
-    return W

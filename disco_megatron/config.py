@@ -165,8 +165,8 @@ INIT_METHODS: tuple[str, ...] = ("scion", "megatron")
 INIT_METHOD_OF_OPTIMIZER = {"scion": "scion", "adam": "megatron"}
 INIT_METHOD_HELP = (
     "weight init, the same full weights at every TP x PP x DP for one --seed. scion: the Scion paper's "
-    "inits (Pethick et al. 2025, arXiv:2502.07529) as its reference rakkit/disco draws them "
-    "(disco/orthognal_init.py): hidden matrices scaled_orthogonal (every singular value sqrt(d_out/d_in), Q/K/V "
+    "inits (Pethick et al. 2025, arXiv:2502.07529) as rakkit/disco, the reference code of arXiv:2510.03871, "
+    "draws them (disco/orthognal_init.py): hidden matrices scaled_orthogonal (every singular value sqrt(d_out/d_in), Q/K/V "
     "and gate/up each), embedding scion_normal_input (rows RMS 1), output scion_normal_output (rows l2 "
     "1/sqrt(d_in)) or, with --scion-output-lmo sign, random +-1/d_in (LIONS-EPFL/scion Sign.init); megatron: "
     "N(0, --init-method-std), linear_proj/linear_fc2 divided by sqrt(2 x layers) (megatron-core's "
@@ -293,7 +293,7 @@ MODEL_FLAGS = {
     "norm_epsilon": ("--norm-epsilon", float, "normalisation epsilon"),
     "position_embedding_type": ("--position-embedding-type", str, "rope or learned_absolute"),
     "rotary_base": ("--rotary-base", int, "RoPE base"),
-    "init_method_std": ("--init-method-std", float, "std of the normal weight init"),
+    "init_method_std": ("--init-method-std", float, "std of --init-method megatron's normal init"),
     "hidden_dropout": ("--hidden-dropout", float, "dropout after attention/MLP"),
     "attention_dropout": ("--attention-dropout", float, "dropout on attention probabilities"),
     "transformer_impl": ("--transformer-impl", str, "local (plain PyTorch, CPU) or transformer_engine (GPU, FP8)"),
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep FP8 model weights (TransformerEngine), refreshed from fp32 masters")
     run = parser.add_argument_group("run")
     add_flags(run, RUN_FLAGS, run_defaults, "")
-    run.add_argument("--init-method", default=None, metavar="INIT_METHOD", help=INIT_METHOD_HELP)
+    run.add_argument("--init-method", default=None, metavar="{" + ",".join(INIT_METHODS) + "}", help=INIT_METHOD_HELP)
     run.add_argument("--norm-condition-number", action="store_true",
                      help="log each matrix's condition number (an exact SVD per matrix per logging step)")
     run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")

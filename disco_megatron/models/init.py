@@ -60,7 +60,7 @@ def scion_normal(shape: tuple[int, int], *, scale_type: str, generator: torch.Ge
     if scale_type not in targets:
         raise ValueError(f"unknown scale_type {scale_type!r}; choose one of {', '.join(targets)}")
     X = torch.randn(shape, generator=generator, dtype=_DRAW_DTYPE, device=_CPU)
-    return X * (targets[scale_type] / X.norm(dim=1, keepdim=True))
+    return X.mul_(targets[scale_type] / X.norm(dim=1, keepdim=True))
 
 
 def random_sign(shape: tuple[int, int], *, generator: torch.Generator) -> Tensor:
@@ -71,7 +71,7 @@ def random_sign(shape: tuple[int, int], *, generator: torch.Generator) -> Tensor
 
 def normal(shape: tuple[int, ...], *, std: float, generator: torch.Generator) -> Tensor:
     """N(0, std²) entries: megatron's ``init_method_normal``."""
-    return torch.randn(shape, generator=generator, dtype=_DRAW_DTYPE, device=_CPU) * std
+    return torch.randn(shape, generator=generator, dtype=_DRAW_DTYPE, device=_CPU).mul_(std)
 
 
 def full_init(name: str, shape: tuple[int, ...], *, method: str, seed: int, model: ModelConfig,
@@ -140,3 +140,4 @@ def initialize_weights(model: torch.nn.Module, cfg: ModelConfig, *, method: str,
             shape[dim] *= tp
         full = full_init(global_name, tuple(shape), method=method, seed=seed, model=cfg, output_lmo=output_lmo)
         param.copy_(shard_full_tensor(global_name, full, tp_rank, tp, dim, cfg.swiglu))
+        del full  # before the next one is drawn

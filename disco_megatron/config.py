@@ -411,7 +411,8 @@ CHOICES = {
 def recorded_flags(path: str) -> dict[str, Any]:
     """Parser defaults from a run's ``run_config.json`` (``--config``): every flag it recorded, except
     what was derived from the run rather than given: ``--save``/``--tensorboard-dir`` inside its run
-    dir (derived again from the ``--run-dir`` in force) and the embedded corpus's tokenizer."""
+    dir (derived again from the ``--run-dir`` in force), the embedded corpus's tokenizer and an
+    ``--init-method`` equal to its optimizer's default."""
     try:
         with open(path) as f:
             cfg = RunConfig.from_dict(json.load(f))
@@ -426,6 +427,8 @@ def recorded_flags(path: str) -> dict[str, Any]:
         cfg.tensorboard_dir = None if cfg.tensorboard_dir == implied.tensorboard else cfg.tensorboard_dir
     if cfg.data_path is None:
         cfg.tokenizer_model = None  # the embedded corpus's, recorded by the run: it trains its own
+    if cfg.init_method == INIT_METHOD_OF_OPTIMIZER.get(cfg.optimizer):
+        cfg.init_method = None  # the optimizer's default: derived again from the --optimizer in force
     values = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "scion")}
     values.update({f"model.{k}": v for k, v in asdict(cfg.model).items()})
     values.update({f"scion.{k}": v for k, v in asdict(cfg.scion).items()})

@@ -2,6 +2,7 @@
 every parallel layout for one seed."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -112,12 +113,19 @@ def test_streams_depend_on_seed_and_name_only():
         full_init(name, shape, method="xavier", seed=3, model=cfg)
 
 
-def test_init_method_flag_resolves_per_optimizer():
+def test_init_method_flag_resolves_per_optimizer(tmp_path):
     assert parse_run_config([]).init_method == "scion"
     assert parse_run_config(["--optimizer", "adam"]).init_method == "megatron"
-    assert parse_run_config(["--optimizer", "adam", "--init-method", "scion"]).to_dict()["init_method"] == "scion"
+    explicit = parse_run_config(["--optimizer", "adam", "--init-method", "scion"]).to_dict()
+    assert explicit["init_method"] == "scion"
     with pytest.raises(ConfigError, match="--init-method xavier: choose one of scion, megatron"):
         parse_run_config(["--init-method", "xavier"])
+    # --config: a recorded default follows a new --optimizer; a choice that was not the default stays.
+    for recorded, argv, want in ((parse_run_config([]).to_dict(), ["--optimizer", "adam"], "megatron"),
+                                 (explicit, [], "scion")):
+        path = tmp_path / "run_config.json"
+        path.write_text(json.dumps(recorded))
+        assert parse_run_config(["--config", str(path), *argv]).init_method == want, (recorded["optimizer"], argv)
 
 
 def _layout_worker(rank: int, world: int, out: str) -> None:

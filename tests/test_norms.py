@@ -29,7 +29,10 @@ from disco_megatron.norms import (
     vector_norms,
 )
 from disco_megatron.norms.definitions import SIGMA_BOUND
+from disco_megatron.norms.owners import planned_svd_owners
 from disco_megatron.norms.sharded import sharded_norms_many
+from disco_megatron.optim.layout import build_layout
+from disco_megatron.optim.plan import build_exchange_plan
 
 # Rows [3, 4, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]: orthogonal rows, singular values 5, 2, 0.
 HAND = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
@@ -439,3 +442,87 @@ def test_jsonl_writer_strict_json_and_resume_after_crash(tmp_path: Path):
     with pytest.warns(UserWarning, match=r"norms.jsonl:3: skipped"):
         records = read_norms_jsonl(str(path))
     assert records == [json.loads(lines[0]), redone, {**_record(), "step": 8}]
+
+
+COND_LAYOUTS = ((2, 2), (2, 1))  # (TP, PP) on 4 ranks: DP 1, 2
+
+
+def _stage_plan(names: list[str], tp: int, tp_rank: int):
+    """The optimizer's exchange plan of a stage's parameters (the same owners on every TP rank)."""
+    layouts = [(name, build_layout(name, tuple(_shard_shape(name, tp)), MODEL, tp_size=tp, tp_rank=tp_rank))
+               for name in names]
+    return build_exchange_plan([layout for _, layout in layouts], tp_size=tp), layouts
+
+
+def _shard_shape(name: str, tp: int) -> list[int]:
+    shape, pdim = list(ALL_SHAPES[name]), tp_partition_dim(name)
+    if pdim is not None:
+        shape[pdim] //= tp
+    return shape
+
+
+def _condition_worker(rank: int, world: int, directory: str) -> None:
+    """One logged step with condition numbers; every rank records the matrices it ran an SVD of."""
+    for tp, pp in COND_LAYOUTS:
+        (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
+        names = [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]
+        params = []
+        for name in names:
+            pdim = tp_partition_dim(name)
+            p = torch.nn.Parameter(shard_full_tensor(name, _trajectory(name, 0), tp_rank, tp, pdim, glu=True))
+            p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
+            params.append((name, p))
+        plan, layouts = _stage_plan(names, tp, tp_rank)
+        writer = JsonlNormWriter(f"{directory}/cond_tp{tp}_pp{pp}.jsonl")
+        tracker = NormTracker(params, 1, tp_group, pp_group, dp_rank, pp_rank, pp, [writer], model_cfg=MODEL,
+                              with_condition=True, svd_owners=planned_svd_owners(plan, layouts))
+        calls: list[tuple[list[int], float]] = []
+        real_svdvals = torch.linalg.svdvals
+
+        def recording(W, *args, **kwargs):
+            calls.append((sorted(W.shape), float(W.double().square().sum())))
+            return real_svdvals(W, *args, **kwargs)
+
+        tracker.before_step(1)
+        for name, p in params:
+            p.data.copy_(shard_full_tensor(name, _trajectory(name, 1), tp_rank, tp, tp_partition_dim(name), glu=True))
+        torch.linalg.svdvals = recording
+        try:
+            tracker.after_step(1, tokens=1, loss=None, lrs={})
+        finally:
+            torch.linalg.svdvals = real_svdvals
+        Path(f"{directory}/svd_tp{tp}_pp{pp}_rank{rank}.json").write_text(
+            json.dumps({"coords": [tp_rank, dp_rank, pp_rank], "calls": calls}))
+
+
+def test_condition_number_exact_one_svd_per_matrix_on_the_optimizer_owner(tmp_path: Path):
+    run_workers(_condition_worker, 4, str(tmp_path))
+    for tp, pp in COND_LAYOUTS:
+        (record,) = read_norms_jsonl(str(tmp_path / f"cond_tp{tp}_pp{pp}.jsonl"))
+        ranks = [json.loads((tmp_path / f"svd_tp{tp}_pp{pp}_rank{r}.json").read_text()) for r in range(4)]
+        for stage, names in enumerate(STAGES if pp == 2 else [list(ALL_SHAPES)]):
+            plan, layouts = _stage_plan(list(names), tp, 0)
+            owners = plan.owners  # the optimizer's owner TP rank of each matrix it exchanges
+            assert {"decoder.layers.0.self_attention.linear_qkv.weight:k",
+                    "decoder.layers.1.mlp.linear_fc1.weight:up"} & owners.keys()
+            stage_calls = {tuple(r["coords"]): r["calls"] for r in ranks if r["coords"][2] == stage}
+            expected_count = 0
+            for name in names:
+                for kind, W in (("params", _trajectory(name, 1)), ("weight_changes",
+                                                                   _trajectory(name, 1) - _trajectory(name, 0))):
+                    for key, M in _reference_matrices(name, W).items():
+                        got = record[kind][key]
+                        expected = _expected_norms(M)
+                        singular = torch.linalg.svdvals(M.double()) if M.dim() == 2 else M.double().abs()
+                        assert _rel(got["condition_number"], float(singular.max() / singular.min())) <= 1e-5, key
+                        assert _rel(got["rms_to_rms"], expected["rms_to_rms"]) <= 1e-5, key
+                        if M.dim() == 1:
+                            continue
+                        expected_count += 1
+                        fro = float(M.double().square().sum())
+                        where = [c for c, calls in stage_calls.items() for shape, f in calls
+                                 if shape == sorted(M.shape) and abs(f - fro) <= 1e-5 * fro]
+                        assert len(where) == 1, f"tp{tp} pp{pp} {kind} {key}: SVD ran on {where}"
+                        assert where[0][1] == 0 and where[0][0] == owners.get(key, where[0][0]), \
+                            f"{key}: SVD on {where[0]}, owner {owners.get(key)}"
+            assert sum(len(calls) for calls in stage_calls.values()) == expected_count

@@ -25,6 +25,8 @@ temporary directory (the test's mode).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -64,7 +66,9 @@ def checkpoint_weights(run_dir: str, step: int, out: str) -> dict:
 
     from disco_megatron.checkpoint.cli import main as convert
 
-    if convert(["to-hf", "--load", RunDir(run_dir).checkpoints, "--ckpt-step", str(step), "--out", out]) != 0:
+    with contextlib.redirect_stdout(io.StringIO()):  # to-hf's "wrote ..." lines, once per step
+        code = convert(["to-hf", "--load", RunDir(run_dir).checkpoints, "--ckpt-step", str(step), "--out", out])
+    if code != 0:
         raise SystemExit(f"to-hf of {run_dir} step {step} failed")
     return load_file(os.path.join(out, "model.safetensors"))
 

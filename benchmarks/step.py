@@ -123,10 +123,12 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
 
         def logging_step(step: int) -> tuple[float, ...]:
             """(before, before with condition numbers, owner step, after, after with condition numbers)."""
-            befores = [timed(lambda t=t: t.before_step(step)) for t in trackers]
+            order = trackers if step % 2 else trackers[::-1]  # alternate: neither always runs first
+            befores = {id(t): timed(lambda t=t: t.before_step(step)) for t in order}
             stepped = timed(owner.step)
-            afters = [timed(lambda t=t: t.after_step(step, tokens=0, loss=None, lrs=group_lrs(owner))) for t in trackers]
-            return *befores, stepped, *afters
+            afters = {id(t): timed(lambda t=t: t.after_step(step, tokens=0, loss=None, lrs=group_lrs(owner)))
+                      for t in order}
+            return *(befores[id(t)] for t in trackers), stepped, *(afters[id(t)] for t in trackers)
 
         cold = logging_step(0)  # also the owner's first step (momentum allocation)
         for name in names[1:]:

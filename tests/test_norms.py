@@ -29,7 +29,7 @@ from disco_megatron.norms import (
     vector_norms,
 )
 from disco_megatron.norms.definitions import SIGMA_BOUND
-from disco_megatron.norms.owners import planned_svd_owners
+from disco_megatron.norms.owners import optimizer_svd_owners, planned_svd_owners, svd_owners
 from disco_megatron.norms.sharded import sharded_norms_many
 from disco_megatron.optim.layout import build_layout
 from disco_megatron.optim.plan import build_exchange_plan
@@ -267,17 +267,21 @@ def _layout_groups(rank: int, world: int, tp: int, pp: int
     return coords[rank], tp_group, pp_group
 
 
+def _stage_params(tp: int, pp: int, tp_rank: int, pp_rank: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """This rank's shards of its stage's parameters at step 0, with megatron's TP attributes."""
+    params = []
+    for name in [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]:
+        pdim = tp_partition_dim(name)
+        p = torch.nn.Parameter(shard_full_tensor(name, _trajectory(name, 0), tp_rank, tp, pdim, glu=True))
+        p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
+        params.append((name, p))
+    return params
+
+
 def _tracker_worker(rank: int, world: int, directory: str) -> None:
     for tp, pp in LAYOUTS:
         (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
-        names = [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]
-        params = []
-        for name in names:
-            pdim = tp_partition_dim(name)
-            full = _trajectory(name, 0)
-            p = torch.nn.Parameter(shard_full_tensor(name, full, tp_rank, tp, pdim, glu=True))
-            p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
-            params.append((name, p))
+        params = _stage_params(tp, pp, tp_rank, pp_rank)
         writer = JsonlNormWriter(f"{directory}/tp{tp}_pp{pp}.jsonl")
         tracker = NormTracker(params, INTERVAL, tp_group, pp_group, dp_rank, pp_rank, pp, [writer], model_cfg=MODEL)
         for step in range(1, STEPS + 1):
@@ -465,14 +469,8 @@ def _condition_worker(rank: int, world: int, directory: str) -> None:
     """One logged step with condition numbers; every rank records the matrices it ran an SVD of."""
     for tp, pp in COND_LAYOUTS:
         (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
-        names = [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]
-        params = []
-        for name in names:
-            pdim = tp_partition_dim(name)
-            p = torch.nn.Parameter(shard_full_tensor(name, _trajectory(name, 0), tp_rank, tp, pdim, glu=True))
-            p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
-            params.append((name, p))
-        plan, layouts = _stage_plan(names, tp, tp_rank)
+        params = _stage_params(tp, pp, tp_rank, pp_rank)
+        plan, layouts = _stage_plan([name for name, _ in params], tp, tp_rank)
         writer = JsonlNormWriter(f"{directory}/cond_tp{tp}_pp{pp}.jsonl")
         tracker = NormTracker(params, 1, tp_group, pp_group, dp_rank, pp_rank, pp, [writer], model_cfg=MODEL,
                               with_condition=True, svd_owners=planned_svd_owners(plan, layouts))
@@ -526,3 +524,29 @@ def test_condition_number_exact_one_svd_per_matrix_on_the_optimizer_owner(tmp_pa
                         assert where[0][1] == 0 and where[0][0] == owners.get(key, where[0][0]), \
                             f"{key}: SVD on {where[0]}, owner {owners.get(key)}"
             assert sum(len(calls) for calls in stage_calls.values()) == expected_count
+
+
+def test_optimizer_svd_owners_map_stage_local_keys_to_global_names():
+    # Stage 1 of PP2 at TP2: the optimizer's layouts carry stage-local names (layer 0), the tracker global ones (layer 1).
+    shapes = {"mlp.linear_fc1.weight": (16, 8), "mlp.linear_fc2.weight": (8, 8), "self_attention.linear_qkv.weight": (12, 8)}
+    local = {f"decoder.layers.0.{n}": s for n, s in shapes.items()} | {"output_layer.weight": (8, 8)}
+    params = {name: torch.nn.Parameter(torch.empty(shape)) for name, shape in local.items()}
+    layouts = [build_layout(name, shape, MODEL, tp_size=2, tp_rank=1) for name, shape in local.items()]
+    plan = build_exchange_plan(layouts, tp_size=2)
+    optimizer = types.SimpleNamespace(model_params=list(params.values()),
+                                      optimizer=types.SimpleNamespace(plan=plan, layouts=layouts))
+    named = [(name.replace("layers.0.", "layers.1."), p) for name, p in reversed(params.items())]
+    expected = {key.replace("layers.0.", "layers.1."): owner for key, owner in plan.owners.items()}
+    assert len(expected) == 6 and set(plan.owners.values()) == {0, 1}  # q, k, v, gate, up, fc2 over both ranks
+    assert optimizer_svd_owners(optimizer, named) == expected  # output layer: row-local LMO, not exchanged
+    assert optimizer_svd_owners(types.SimpleNamespace(optimizer=object()), named) == {}  # e.g. Adam
+    sharded = build_exchange_plan(layouts, tp_size=2, dp_size=2, dp_mode="sharded")
+    assert sharded.slots == 4 and planned_svd_owners(sharded, list(zip(local, layouts))) == {}
+
+
+def test_svd_owners_keep_the_plan_and_balance_the_rest():
+    matrices = [("planned", 64, 64), ("big", 32, 32), ("small_a", 8, 8), ("small_b", 8, 8), ("small_c", 8, 8)]
+    # Not planned: longest first to the least-loaded rank (ties: the lower rank); big costs 64x a small one,
+    # so big -> 0 and every small one -> 1. The plan's own owner stays, and a key not asked for is dropped.
+    assert svd_owners(matrices, {"planned": 1, "elsewhere": 0}, 2) == {
+        "planned": 1, "big": 0, "small_a": 1, "small_b": 1, "small_c": 1}

@@ -293,11 +293,13 @@ def _tracker_worker(rank: int, world: int, directory: str) -> None:
                                         loss=1.0 / step if pp_rank == pp - 1 else None, lrs=_lrs(step))
             writes = tracker.should_log(step) and (tp_rank, dp_rank, pp_rank) == (0, 0, pp - 1)
             assert (record is not None) == writes, f"rank {rank} tp{tp} pp{pp} step {step}: record {record}"
+    _condition_runs(rank, world, directory)
 
 
 @pytest.fixture(scope="module")
 def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """norms.jsonl of every layout in LAYOUTS, from one run of 4 gloo processes."""
+    """norms.jsonl of every layout in LAYOUTS and the condition-number runs of COND_LAYOUTS (SVD
+    calls per rank), from one run of 4 gloo processes."""
     directory = tmp_path_factory.mktemp("tracker")
     run_workers(_tracker_worker, 4, str(directory))
     return directory
@@ -465,7 +467,7 @@ def _shard_shape(name: str, tp: int) -> list[int]:
     return shape
 
 
-def _condition_worker(rank: int, world: int, directory: str) -> None:
+def _condition_runs(rank: int, world: int, directory: str) -> None:
     """One logged step with condition numbers; every rank records the matrices it ran an SVD of."""
     for tp, pp in COND_LAYOUTS:
         (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
@@ -493,11 +495,10 @@ def _condition_worker(rank: int, world: int, directory: str) -> None:
             json.dumps({"coords": [tp_rank, dp_rank, pp_rank], "calls": calls}))
 
 
-def test_condition_number_exact_one_svd_per_matrix_on_the_optimizer_owner(tmp_path: Path):
-    run_workers(_condition_worker, 4, str(tmp_path))
+def test_condition_number_exact_one_svd_per_matrix_on_the_optimizer_owner(tracker_runs: Path):
     for tp, pp in COND_LAYOUTS:
-        (record,) = read_norms_jsonl(str(tmp_path / f"cond_tp{tp}_pp{pp}.jsonl"))
-        ranks = [json.loads((tmp_path / f"svd_tp{tp}_pp{pp}_rank{r}.json").read_text()) for r in range(4)]
+        (record,) = read_norms_jsonl(str(tracker_runs / f"cond_tp{tp}_pp{pp}.jsonl"))
+        ranks = [json.loads((tracker_runs / f"svd_tp{tp}_pp{pp}_rank{r}.json").read_text()) for r in range(4)]
         for stage, names in enumerate(STAGES if pp == 2 else [list(ALL_SHAPES)]):
             plan, layouts = _stage_plan(list(names), tp, 0)
             owners = plan.owners  # the optimizer's owner TP rank of each matrix it exchanges

@@ -315,7 +315,7 @@ def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | 
         return []
     world = _world(group)
     rank = dist.get_rank(group) if world > 1 else 0
-    owner = [owners[key] if world > 1 else 0 for key, _, _, _ in matrices]
+    owner = [owners[key] for key, _, _, _ in matrices]
     views = [A.contiguous() for _, _, A, _ in matrices]
     mine = [i for i in range(len(matrices)) if owner[i] == rank]
     if world > 1:

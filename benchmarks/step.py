@@ -9,9 +9,11 @@ and Newton–Schulz backend time by matrix size.
    rank's): one forward/backward through megatron's schedule (``get_forward_backward_func``,
    a random batch of the ``disco-pretrain`` default size), then one ``step()`` of each optimizer,
    interleaved. The owner step of each repeat is a norm-logging step:
-   ``NormTracker.before_step`` / ``after_step`` (no writers) are timed around it. Overhead =
-   tracker time / owner step time, and / training step time (forward/backward + owner step);
-   amortised at ``--norm-log-interval 10``: /10. ``--only tracker`` times the forward/backward,
+   ``NormTracker.before_step`` / ``after_step`` (no writers) are timed around it, and those of
+   a second tracker with ``--norm-condition-number`` (exact SVD of every matrix on its
+   optimizer owner): the difference is the condition numbers' cost. Overhead = tracker time /
+   owner step time, and / training step time (forward/backward + owner step); amortised at
+   ``--norm-log-interval 10``: /10. ``--only tracker`` times the forward/backward,
    the owner step and the tracker only (no other optimizers, no Newton–Schulz section) and
    writes ``step_tracker.json``.
    The workers also check that the layouts ``comm.py``/``balance.py`` build from shapes equal
@@ -21,7 +23,7 @@ and Newton–Schulz backend time by matrix size.
 
 Medians of ``--repeats``; ratios come from the same run.
 
-    python benchmarks/step.py [--quick] [--preset small] [--repeats 5] [--only tracker] [--out DIR]
+    python benchmarks/step.py [--quick] [--preset small|quickstart|...] [--repeats 5] [--only tracker] [--out DIR]
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ from disco_megatron.scion_options import NS_BACKENDS, ScionFlags
 OPTIMIZERS = ("scion_owner", "scion_duplicated", "adam")
 TRACKER_INTERVAL = RunConfig().norm_log_interval
 BATCH = RunConfig()  # micro/global batch size of a disco-pretrain training step (DP 1 here)
+# Timed per repeat around the owner step: the tracker's two halves, and a second tracker with
+# --norm-condition-number (both halves together).
+TRACKER_SAMPLES = ("tracker_before", "tracker_after", "tracker_condition")
 
 
 def _build_optimizers(cfg, ddp, names: tuple[str, ...]) -> dict:
@@ -86,6 +91,7 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
     from disco_megatron.models import build_gpt_model, wrap_ddp
     from disco_megatron.models.sharding import global_param_name
     from disco_megatron.norms import NormTracker
+    from disco_megatron.norms.owners import optimizer_svd_owners
     from disco_megatron.norms.steps import optimizer_step_source
     from disco_megatron.runtime import destroy_parallel, initialize_parallel
 
@@ -108,29 +114,35 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
             set(stage_layouts(cfg, world, info.tp_rank).values())
         named = [(global_param_name(n, info.pp_rank, cfg.num_layers, info.pp), p) for n, p in model.named_parameters()]
         owner = opts["scion_owner"]
-        tracker = NormTracker(named, 1, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                              info.dp_rank, info.pp_rank, info.pp, writers=[], model_cfg=model.config,
-                              step_source=optimizer_step_source(owner, [p for _, p in named]))
-        samples: dict[str, list[float]] = {k: [] for k in (*names, "fwd_bwd", "tracker_before", "tracker_after")}
+        trackers = [NormTracker(named, 1, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                                info.dp_rank, info.pp_rank, info.pp, writers=[], model_cfg=model.config,
+                                step_source=optimizer_step_source(owner, [p for _, p in named]),
+                                with_condition=with_condition, svd_owners=optimizer_svd_owners(owner, named))
+                    for with_condition in (False, True)]
+        samples: dict[str, list[float]] = {k: [] for k in (*names, "fwd_bwd", *TRACKER_SAMPLES)}
 
-        def logging_step(step: int) -> tuple[float, float, float]:
-            before = timed(lambda: tracker.before_step(step))
+        def logging_step(step: int) -> tuple[float, ...]:
+            """(before, before with condition numbers, owner step, after, after with condition numbers)."""
+            order = trackers if step % 2 else trackers[::-1]  # alternate: neither always runs first
+            befores = {id(t): timed(lambda t=t: t.before_step(step)) for t in order}
             stepped = timed(owner.step)
-            after = timed(lambda: tracker.after_step(step, tokens=0, loss=None, lrs=group_lrs(owner)))
-            return before, stepped, after
+            afters = {id(t): timed(lambda t=t: t.after_step(step, tokens=0, loss=None, lrs=group_lrs(owner)))
+                      for t in order}
+            return *(befores[id(t)] for t in trackers), stepped, *(afters[id(t)] for t in trackers)
 
         cold = logging_step(0)  # also the owner's first step (momentum allocation)
         for name in names[1:]:
             opts[name].step()
         for rep in range(1, repeats + 1):
             samples["fwd_bwd"].append(timed(forward_backward))
-            before, stepped, after = logging_step(rep)
+            before, cond_before, stepped, after, cond_after = logging_step(rep)
             samples["tracker_before"].append(before)
             samples["scion_owner"].append(stepped)
             samples["tracker_after"].append(after)
+            samples["tracker_condition"].append(cond_before + cond_after)
             for name in names[1:]:
                 samples[name].append(timed(opts[name].step))
-        report = {"samples": samples, "tracker_cold_s": cold[0] + cold[2], "layouts_match_model": layouts_match,
+        report = {"samples": samples, "tracker_cold_s": cold[0] + cold[3], "layouts_match_model": layouts_match,
                   "params_per_rank": sum(p.numel() for p in model.parameters()),
                   "adam_class": None if "adam" not in opts else " + ".join(
                       f"{type(o).__name__}({type(o.optimizer).__name__})"
@@ -170,6 +182,7 @@ def summarize(report: dict) -> dict:
     """Medians, ratios and tracker overhead from the worker's samples (ratios of the optimizers timed)."""
     med = {k: median(v) for k, v in report["samples"].items()}
     tracker = med["tracker_before"] + med["tracker_after"]
+    condition = med["tracker_condition"]
     train_step = med["fwd_bwd"] + med["scion_owner"]
     overhead = 100 * tracker / med["scion_owner"]
     of_train = 100 * tracker / train_step
@@ -181,7 +194,9 @@ def summarize(report: dict) -> dict:
             "tracker": {"before_s": med["tracker_before"], "after_s": med["tracker_after"], "total_s": tracker,
                         "cold_s": report["tracker_cold_s"], "overhead_pct_of_owner_step": overhead,
                         f"amortised_pct_interval{TRACKER_INTERVAL}": overhead / TRACKER_INTERVAL,
-                        "overhead_pct_of_train_step": of_train,
+                        "overhead_pct_of_train_step": of_train, "with_condition_s": condition,
+                        "condition_number_extra_s": condition - tracker,
+                        "condition_number_extra_pct_of_train_step": 100 * (condition - tracker) / train_step,
                         f"amortised_pct_of_train_step_interval{TRACKER_INTERVAL}": of_train / TRACKER_INTERVAL},
             "samples": report["samples"], "adam": report["adam_class"],
             "params_per_rank": report["params_per_rank"], "layouts_match_model": report["layouts_match_model"]}
@@ -194,7 +209,9 @@ def tracker_table(result: dict) -> str:
     return format_table(["norm tracker", "ms", "% of owner step", "% of train step"],
                         [row("before_step", t["before_s"]), row("after_step", t["after_s"]),
                          row("logging step (warm)", t["total_s"]), row("first logging step (cold)", t["cold_s"]),
-                         row(f"amortised, interval {TRACKER_INTERVAL}", t["total_s"] / TRACKER_INTERVAL)])
+                         row(f"amortised, interval {TRACKER_INTERVAL}", t["total_s"] / TRACKER_INTERVAL),
+                         row("logging step, --norm-condition-number", t["with_condition_s"]),
+                         row("  condition numbers' extra", t["condition_number_extra_s"])])
 
 
 def main(argv: list[str] | None = None) -> int:

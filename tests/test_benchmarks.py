@@ -1,4 +1,4 @@
-"""The three benchmarks in ``--quick`` mode: they run, write their JSON, and the numbers that do
+"""The benchmarks in ``--quick`` mode: they run, write their JSON, and the numbers that do
 not depend on timing are right (byte counts vs the owner/duplicated formulas on a hand-counted
 matrix size, plan balance, layouts vs a real model). Timings are only checked for sanity: one
 positive, finite sample per repeat."""
@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import balance  # noqa: E402
 import comm  # noqa: E402
+import norm_accuracy  # noqa: E402
 import ns_precision  # noqa: E402
 import step  # noqa: E402
 from _common import PRESETS  # noqa: E402
@@ -70,7 +71,7 @@ def test_step_quick_reports_times(tmp_path: Path) -> None:
     assert result["layouts_match_model"] is True
     assert set(result["median_s"]) == set(step.OPTIMIZERS)
     samples = result["samples"]
-    assert set(samples) == {*step.OPTIMIZERS, "fwd_bwd", "tracker_before", "tracker_after"}
+    assert set(samples) == {*step.OPTIMIZERS, "fwd_bwd", *step.TRACKER_SAMPLES}
     assert all(len(v) == record["repeats"] == 1 and all(0 < s < 60 for s in v) for v in samples.values())
     assert 0 < result["tracker"]["cold_s"] < 60
     assert "AdamW" in result["adam"]
@@ -87,3 +88,14 @@ def test_ns_precision_quick_bf16_is_near_fp32(tmp_path: Path) -> None:
     record = _result(tmp_path, "ns_precision")
     for r in record["records"]:
         assert 0 < r["bf16_vs_fp32"] < 5e-2 and r["bf16_vs_fp32"] < r["fp32_vs_exact"], r
+
+
+def test_norm_accuracy_quick_within_the_bound(tmp_path: Path) -> None:
+    assert norm_accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "norm_accuracy")
+    assert record["logged_steps"] == record["compared_steps"] == [2, 4]
+    # 2 layers x (q, k, v, proj, gate, up, fc2) + embedding + output = 16 matrices per step.
+    for key in ("logged_vs_exact", "lanczos_vs_exact"):
+        assert record[key]["count"] == 2 * 16 and record[key]["max"] <= record["required"] == 1e-3
+    assert record["recorded"]["params"]["count"] == 2 * 16
+    assert record["recorded"]["updates"]["max"] <= record["tolerance"]

@@ -29,7 +29,10 @@ from disco_megatron.norms import (
     vector_norms,
 )
 from disco_megatron.norms.definitions import SIGMA_BOUND
+from disco_megatron.norms.owners import optimizer_svd_owners, planned_svd_owners, svd_owners
 from disco_megatron.norms.sharded import sharded_norms_many
+from disco_megatron.optim.layout import build_layout
+from disco_megatron.optim.plan import build_exchange_plan
 
 # Rows [3, 4, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]: orthogonal rows, singular values 5, 2, 0.
 HAND = torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
@@ -264,17 +267,21 @@ def _layout_groups(rank: int, world: int, tp: int, pp: int
     return coords[rank], tp_group, pp_group
 
 
+def _stage_params(tp: int, pp: int, tp_rank: int, pp_rank: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """This rank's shards of its stage's parameters at step 0, with megatron's TP attributes."""
+    params = []
+    for name in [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]:
+        pdim = tp_partition_dim(name)
+        p = torch.nn.Parameter(shard_full_tensor(name, _trajectory(name, 0), tp_rank, tp, pdim, glu=True))
+        p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
+        params.append((name, p))
+    return params
+
+
 def _tracker_worker(rank: int, world: int, directory: str) -> None:
     for tp, pp in LAYOUTS:
         (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
-        names = [n for stage in (STAGES if pp == 1 else [STAGES[pp_rank]]) for n in stage]
-        params = []
-        for name in names:
-            pdim = tp_partition_dim(name)
-            full = _trajectory(name, 0)
-            p = torch.nn.Parameter(shard_full_tensor(name, full, tp_rank, tp, pdim, glu=True))
-            p.tensor_model_parallel, p.partition_dim = pdim is not None, pdim if pdim is not None else -1
-            params.append((name, p))
+        params = _stage_params(tp, pp, tp_rank, pp_rank)
         writer = JsonlNormWriter(f"{directory}/tp{tp}_pp{pp}.jsonl")
         tracker = NormTracker(params, INTERVAL, tp_group, pp_group, dp_rank, pp_rank, pp, [writer], model_cfg=MODEL)
         for step in range(1, STEPS + 1):
@@ -286,11 +293,13 @@ def _tracker_worker(rank: int, world: int, directory: str) -> None:
                                         loss=1.0 / step if pp_rank == pp - 1 else None, lrs=_lrs(step))
             writes = tracker.should_log(step) and (tp_rank, dp_rank, pp_rank) == (0, 0, pp - 1)
             assert (record is not None) == writes, f"rank {rank} tp{tp} pp{pp} step {step}: record {record}"
+    _condition_runs(rank, world, directory)
 
 
 @pytest.fixture(scope="module")
 def tracker_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """norms.jsonl of every layout in LAYOUTS, from one run of 4 gloo processes."""
+    """norms.jsonl of every layout in LAYOUTS and the condition-number runs of COND_LAYOUTS (SVD
+    calls per rank), from one run of 4 gloo processes."""
     directory = tmp_path_factory.mktemp("tracker")
     run_workers(_tracker_worker, 4, str(directory))
     return directory
@@ -439,3 +448,106 @@ def test_jsonl_writer_strict_json_and_resume_after_crash(tmp_path: Path):
     with pytest.warns(UserWarning, match=r"norms.jsonl:3: skipped"):
         records = read_norms_jsonl(str(path))
     assert records == [json.loads(lines[0]), redone, {**_record(), "step": 8}]
+
+
+COND_LAYOUTS = ((2, 2), (2, 1))  # (TP, PP) on 4 ranks: DP 1, 2
+
+
+def _stage_plan(names: list[str], tp: int, tp_rank: int):
+    """The optimizer's exchange plan of a stage's parameters (the same owners on every TP rank)."""
+    layouts = [(name, build_layout(name, tuple(_shard_shape(name, tp)), MODEL, tp_size=tp, tp_rank=tp_rank))
+               for name in names]
+    return build_exchange_plan([layout for _, layout in layouts], tp_size=tp), layouts
+
+
+def _shard_shape(name: str, tp: int) -> list[int]:
+    shape, pdim = list(ALL_SHAPES[name]), tp_partition_dim(name)
+    if pdim is not None:
+        shape[pdim] //= tp
+    return shape
+
+
+def _condition_runs(rank: int, world: int, directory: str) -> None:
+    """One logged step with condition numbers; every rank records the matrices it ran an SVD of."""
+    for tp, pp in COND_LAYOUTS:
+        (tp_rank, dp_rank, pp_rank), tp_group, pp_group = _layout_groups(rank, world, tp, pp)
+        params = _stage_params(tp, pp, tp_rank, pp_rank)
+        plan, layouts = _stage_plan([name for name, _ in params], tp, tp_rank)
+        writer = JsonlNormWriter(f"{directory}/cond_tp{tp}_pp{pp}.jsonl")
+        tracker = NormTracker(params, 1, tp_group, pp_group, dp_rank, pp_rank, pp, [writer], model_cfg=MODEL,
+                              with_condition=True, svd_owners=planned_svd_owners(plan, layouts))
+        calls: list[tuple[list[int], float]] = []
+        real_svdvals = torch.linalg.svdvals
+
+        def recording(W, *args, **kwargs):
+            calls.append((sorted(W.shape), float(W.double().square().sum())))
+            return real_svdvals(W, *args, **kwargs)
+
+        tracker.before_step(1)
+        for name, p in params:
+            p.data.copy_(shard_full_tensor(name, _trajectory(name, 1), tp_rank, tp, tp_partition_dim(name), glu=True))
+        torch.linalg.svdvals = recording
+        try:
+            tracker.after_step(1, tokens=1, loss=None, lrs={})
+        finally:
+            torch.linalg.svdvals = real_svdvals
+        Path(f"{directory}/svd_tp{tp}_pp{pp}_rank{rank}.json").write_text(
+            json.dumps({"coords": [tp_rank, dp_rank, pp_rank], "calls": calls}))
+
+
+def test_condition_number_exact_one_svd_per_matrix_on_the_optimizer_owner(tracker_runs: Path):
+    for tp, pp in COND_LAYOUTS:
+        (record,) = read_norms_jsonl(str(tracker_runs / f"cond_tp{tp}_pp{pp}.jsonl"))
+        ranks = [json.loads((tracker_runs / f"svd_tp{tp}_pp{pp}_rank{r}.json").read_text()) for r in range(4)]
+        for stage, names in enumerate(STAGES if pp == 2 else [list(ALL_SHAPES)]):
+            plan, layouts = _stage_plan(list(names), tp, 0)
+            owners = plan.owners  # the optimizer's owner TP rank of each matrix it exchanges
+            assert {"decoder.layers.0.self_attention.linear_qkv.weight:k",
+                    "decoder.layers.1.mlp.linear_fc1.weight:up"} & owners.keys()
+            stage_calls = {tuple(r["coords"]): r["calls"] for r in ranks if r["coords"][2] == stage}
+            expected_count = 0
+            for name in names:
+                for kind, W in (("params", _trajectory(name, 1)), ("weight_changes",
+                                                                   _trajectory(name, 1) - _trajectory(name, 0))):
+                    for key, M in _reference_matrices(name, W).items():
+                        got = record[kind][key]
+                        expected = _expected_norms(M)
+                        singular = torch.linalg.svdvals(M.double()) if M.dim() == 2 else M.double().abs()
+                        assert _rel(got["condition_number"], float(singular.max() / singular.min())) <= 1e-5, key
+                        assert _rel(got["rms_to_rms"], expected["rms_to_rms"]) <= 1e-5, key
+                        if M.dim() == 1:
+                            continue
+                        expected_count += 1
+                        fro = float(M.double().square().sum())
+                        where = [c for c, calls in stage_calls.items() for shape, f in calls
+                                 if shape == sorted(M.shape) and abs(f - fro) <= 1e-5 * fro]
+                        assert len(where) == 1, f"tp{tp} pp{pp} {kind} {key}: SVD ran on {where}"
+                        assert where[0][1] == 0 and where[0][0] == owners.get(key, where[0][0]), \
+                            f"{key}: SVD on {where[0]}, owner {owners.get(key)}"
+            assert sum(len(calls) for calls in stage_calls.values()) == expected_count
+
+
+def test_optimizer_svd_owners_map_stage_local_keys_to_global_names():
+    # Stage 1 of PP2 at TP2: the optimizer's layouts carry stage-local names (layer 0), the tracker global ones (layer 1).
+    shapes = {"mlp.linear_fc1.weight": (16, 8), "mlp.linear_fc2.weight": (8, 8), "self_attention.linear_qkv.weight": (12, 8)}
+    local = {f"decoder.layers.0.{n}": s for n, s in shapes.items()} | {"output_layer.weight": (8, 8)}
+    params = {name: torch.nn.Parameter(torch.empty(shape)) for name, shape in local.items()}
+    layouts = [build_layout(name, shape, MODEL, tp_size=2, tp_rank=1) for name, shape in local.items()]
+    plan = build_exchange_plan(layouts, tp_size=2)
+    optimizer = types.SimpleNamespace(model_params=list(params.values()),
+                                      optimizer=types.SimpleNamespace(plan=plan, layouts=layouts))
+    named = [(name.replace("layers.0.", "layers.1."), p) for name, p in reversed(params.items())]
+    expected = {key.replace("layers.0.", "layers.1."): owner for key, owner in plan.owners.items()}
+    assert len(expected) == 6 and set(plan.owners.values()) == {0, 1}  # q, k, v, gate, up, fc2 over both ranks
+    assert optimizer_svd_owners(optimizer, named) == expected  # output layer: row-local LMO, not exchanged
+    assert optimizer_svd_owners(types.SimpleNamespace(optimizer=object()), named) == {}  # e.g. Adam
+    sharded = build_exchange_plan(layouts, tp_size=2, dp_size=2, dp_mode="sharded")
+    assert sharded.slots == 4 and planned_svd_owners(sharded, list(zip(local, layouts))) == {}
+
+
+def test_svd_owners_keep_the_plan_and_balance_the_rest():
+    matrices = [("planned", 64, 64), ("big", 32, 32), ("small_a", 8, 8), ("small_b", 8, 8), ("small_c", 8, 8)]
+    # Not planned: longest first to the least-loaded rank (ties: the lower rank); big costs 64x a small one,
+    # so big -> 0 and every small one -> 1. The plan's own owner stays, and a key not asked for is dropped.
+    assert svd_owners(matrices, {"planned": 1, "elsewhere": 0}, 2) == {
+        "planned": 1, "big": 0, "small_a": 1, "small_b": 1, "small_c": 1}

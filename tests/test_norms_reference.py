@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _reference_norms import SIGMA_REL, compare_norms, hf_matrix, hf_name
+from _reference_norms import FP32_REL, SIGMA_REL, compare_norms, hf_matrix, hf_name
 from disco_megatron.norms import read_norms_jsonl
 from tests._launch import TINY_MODEL, torchrun
 
@@ -34,7 +34,7 @@ def run(request, tmp_path_factory, embedded_data) -> tuple[dict, dict[int, dict[
                           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(STEP),
                           "--log-interval", "1", "--norm-log-interval", "2", "--save-interval", "1",
                           "--optimizer", request.param, "--lr", {"scion": "0.01", "adam": "1e-3"}[request.param],
-                          "--weight-decay", "0", "--run-dir", str(run_dir)])
+                          "--weight-decay", "0", "--norm-condition-number", "--run-dir", str(run_dir)])
     assert result.returncode == 0, result.stderr[-3000:]
     weights = {}
     for step in (STEP - 1, STEP):
@@ -52,6 +52,9 @@ def test_params_and_updates_equal_the_reference(run):
     for key, got in record["params"].items():
         W = hf_matrix(weights[STEP], key)
         errors.append(compare_norms(got, W, f"param {key}"))
+        # Exact from the whole matrix on its SVD owner (the optimizer's owner, norms/owners.py): float64 SVD here.
+        singular = torch.linalg.svdvals(W.double()) if W.dim() == 2 else W.double().abs()
+        assert abs(got["condition_number"] / float(singular.max() / singular.min()) - 1) <= FP32_REL, key
         errors.append(compare_norms(record["updates"][key], W - hf_matrix(weights[STEP - 1], key), f"update {key}",
                                SIGMA_REL))
     errors.sort()

@@ -224,6 +224,7 @@ def build_norm_hook(model_chunks: Sequence[torch.nn.Module], optimizer, args: ar
     from megatron.core.utils import get_attr_wrapped_model
 
     from disco_megatron.norms import NormTracker
+    from disco_megatron.norms.owners import optimizer_svd_owners
     from disco_megatron.norms.steps import optimizer_step_source
 
     named = global_named_params(model_chunks)
@@ -233,7 +234,8 @@ def build_norm_hook(model_chunks: Sequence[torch.nn.Module], optimizer, args: ar
                           ps.get_pipeline_model_parallel_world_size(), [],
                           with_condition=args.norm_condition_number,
                           model_cfg=get_attr_wrapped_model(model_chunks[0], "config"),
-                          step_source=optimizer_step_source(optimizer, [p for _, p in named]))
+                          step_source=optimizer_step_source(optimizer, [p for _, p in named]),
+                          svd_owners=optimizer_svd_owners(optimizer, named))
     if tracker.is_writer:
         tracker.writers.extend(_norm_writers(args))
     return NormHook(tracker, optimizer, args)

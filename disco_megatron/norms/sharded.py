@@ -24,15 +24,16 @@ The statistics of :class:`~disco_megatron.norms.definitions.MatrixStats` reduce 
   iterations suffice while the matrix changes slowly.
 - Small matrices (smaller dim ≤ ``PowerIterationState.exact_max_dim``, default 512) and, with
   ``with_condition=True`` (σ_min, which Lanczos on the top end does not give), every matrix are
-  exact instead: each is gathered to one TP rank only (round-robin over the matrices), which
-  runs its SVD; one all-reduce (2 values per matrix, all matrices at once) shares the results.
+  exact instead: each is gathered to one TP rank only, its owner (the rank the optimizer's
+  plan has dualize it, :mod:`~disco_megatron.norms.owners`), which runs its SVD; one
+  all-reduce (2 values per matrix, all matrices at once) shares the results.
 
 Collectives are latency-bound (the vectors are small), so :func:`sharded_norms_many` batches
 them over all tensors of a call: one SUM all-reduce (every partial column-norm² vector and sum
 of squares, concatenated), one MAX all-reduce, and one all-reduce per Lanczos iteration of the
 products of every matrix still iterating (each keeps its own basis and iteration count): 2 +
 the largest iteration count in all, instead of 2 + iterations per tensor; exact matrices add
-one gather each and one all-reduce in all.
+one all_to_all (every owner's pieces) and one all-reduce in all.
 :func:`sharded_norms` is its one-tensor case.
 
 Every norm here is invariant to the row order of the shards' concatenation, so a logical
@@ -42,7 +43,7 @@ is measured like any row-sharded tensor.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,7 @@ from disco_megatron.norms.definitions import (
     matrix_norms_from_stats,
     vector_norms_from_stats,
 )
+from disco_megatron.norms.owners import svd_owners
 
 _START_SEED = 20251003
 _EXHAUSTED = 1e-4  # relative residual below which fp32 Lanczos stops growing its basis
@@ -211,14 +213,17 @@ def sharded_norms(local: torch.Tensor, partition_dim: int | None,
 
 def sharded_norms_many(items: Sequence[tuple[str, torch.Tensor, int | None]], group: dist.ProcessGroup | None,
                        *, state: PowerIterationState | None = None,
-                       with_condition: bool = False) -> dict[str, dict[str, float]]:
+                       with_condition: bool = False, owners: Mapping[str, int] | None = None
+                       ) -> dict[str, dict[str, float]]:
     """:func:`sharded_norms` of every ``(key, local shard, partition_dim)``, by key, in order.
 
     The split tensors (partition_dim 0/1) share one SUM all-reduce, one MAX all-reduce and one
     all-reduce per Lanczos iteration over ``group``: every rank of it must pass the same split
     tensors in the same order (their replicated ones may differ: those need no communication).
     ``state`` warm-starts σ_max under each key and sets its tolerance. ``with_condition``: exact
-    σ_max and σ_min, each matrix gathered to one TP rank (one collective per matrix).
+    σ_max and σ_min of every matrix. An exact split matrix's SVD runs on one TP rank:
+    ``owners[key]`` (the optimizer's owner, :mod:`~disco_megatron.norms.owners`), else one
+    :func:`~disco_megatron.norms.owners.svd_owners` picks by the plan's balancing rule.
     """
     keys = [key for key, _, _ in items]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
@@ -226,13 +231,15 @@ def sharded_norms_many(items: Sequence[tuple[str, torch.Tensor, int | None]], gr
         raise ValueError(f"sharded_norms_many: duplicate keys {duplicates}; each tensor needs its own key")
     checked = [(key, _checked(key, local, pdim), pdim) for key, local, pdim in items]
     state = state if state is not None else PowerIterationState()
-    norms = {**_batch_norms([c for c in checked if c[2] is None], None, state, with_condition),
-             **_batch_norms([c for c in checked if c[2] is not None], group, state, with_condition)}
+    owners = owners if owners is not None else {}
+    norms = {**_batch_norms([c for c in checked if c[2] is None], None, state, with_condition, owners),
+             **_batch_norms([c for c in checked if c[2] is not None], group, state, with_condition, owners)}
     return {key: norms[key] for key in keys}
 
 
 def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.ProcessGroup | None,
-                 state: PowerIterationState, with_condition: bool) -> dict[str, dict[str, float]]:
+                 state: PowerIterationState, with_condition: bool,
+                 owners: Mapping[str, int]) -> dict[str, dict[str, float]]:
     """Norms of checked fp32 ``items``, every one reduced over ``group`` (None: no communication)."""
     if not items:
         return {}
@@ -253,7 +260,8 @@ def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.
     maxes = _all_reduce_parts(maxes, dist.ReduceOp.MAX, group)
     matrices = [i for i, A in enumerate(views) if A.dim() == 2]
     extremes = dict(zip(matrices, _extreme_singular_values(
-        [(items[i][0], items[i][1], views[i], items[i][2]) for i in matrices], group, state, with_condition)))
+        [(items[i][0], items[i][1], views[i], items[i][2]) for i in matrices], group, state, with_condition,
+        owners)))
     rows = [[sums[i][0], *maxes[i]] if A.dim() == 1 else
             [maxes[i][0], sums[i][:-1].max(), sums[i][-1], maxes[i][1], *extremes[i]]
             for i, A in enumerate(views)]
@@ -264,16 +272,19 @@ def _batch_norms(items: list[tuple[str, torch.Tensor, int | None]], group: dist.
 
 def _extreme_singular_values(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | None]],
                              group: dist.ProcessGroup | None, state: PowerIterationState,
-                             with_condition: bool) -> list[list[torch.Tensor]]:
+                             with_condition: bool, owners: Mapping[str, int]) -> list[list[torch.Tensor]]:
     """``[σ_max, its relative error bound]`` of each ``(key, W shard, A shard, partition_dim)``: by
     Lanczos (warm-started from and saved to ``state``), or exact (bound 0, :func:`_exact_extremes`)
     for a matrix no larger than ``state.exact_max_dim`` in its smaller dim; with the condition
-    number every matrix is exact and gets ``σ_min`` appended."""
+    number every matrix is exact and gets ``σ_min`` appended. ``owners``: the planned SVD rank of
+    split matrices (the others are balanced by :func:`~disco_megatron.norms.owners.svd_owners`)."""
     world = _world(group)
     exact = [i for i, (_, _, A, pdim) in enumerate(matrices)
              if with_condition or min(A.size(0) * (world if pdim is not None else 1), A.size(1)) <= state.exact_max_dim]
     out = {i: values if with_condition else values[:2]
-           for i, values in zip(exact, _exact_extremes([matrices[i] for i in exact], group))}
+           for i, values in zip(exact, _exact_extremes([matrices[i] for i in exact], group, svd_owners(
+               [(matrices[i][0], matrices[i][2].size(0) * world, matrices[i][2].size(1)) for i in exact],
+               owners, world), with_condition))}
     iterated = [i for i in range(len(matrices)) if i not in out]
     solvers = [_Lanczos(matrices[i][2], state.start(matrices[i][0], matrices[i][2].size(1), matrices[i][2].device),
                         state.tol, state.max_iters) for i in iterated]
@@ -289,27 +300,40 @@ def _extreme_singular_values(matrices: list[tuple[str, torch.Tensor, torch.Tenso
 
 
 def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | None]],
-                    group: dist.ProcessGroup | None) -> list[list[torch.Tensor]]:
-    """Exact ``[σ_max, 0, σ_min]`` of each matrix, each SVD on one rank only.
+                    group: dist.ProcessGroup | None, owners: Mapping[str, int],
+                    with_condition: bool) -> list[list[torch.Tensor]]:
+    """Exact ``[σ_max, 0, σ_min]`` of each matrix, each SVD on its owner only (:mod:`~disco_megatron.norms.owners`).
 
-    Matrix i is gathered to TP rank ``i mod t`` alone (one gather per matrix, the full matrix
-    on its owner only), which runs its SVD; one SUM all-reduce of the 2 values per matrix
-    (zeros from non-owners) then gives every rank all of them. Costs one SVD per matrix per
-    logging step, spread over the TP ranks.
+    One ``all_to_all`` brings every owner the pieces of its matrices (nothing goes to any other
+    rank), each owner runs one SVD per matrix it owns, and one SUM all-reduce of the 2 values per
+    matrix (zeros from non-owners) gives every rank all of them: 2 collectives per call whatever
+    the matrix count. Without ``group`` every matrix is whole here (its SVD runs here).
+    ``with_condition``: the SVD runs in float64, since fp32's error on σ_min is ~1e-7·σ_max, i.e.
+    ~1e-7·κ relative (1.5e-4 measured on a κ≈1e4 matrix of a 4-step run); σ_max alone is accurate in fp32.
     """
     if not matrices:
         return []
-    world, rank = _world(group), (dist.get_rank(group) if group is not None else 0)
-    values = [torch.zeros(2, dtype=A.dtype, device=A.device) for _, _, A, _ in matrices]
-    for i, (_, _, A, _) in enumerate(matrices):
-        owner = i % world
-        shards = ([torch.empty(A.shape, dtype=A.dtype, device=A.device) for _ in range(world)]
-                  if rank == owner and world > 1 else None)
-        if world > 1:
-            dist.gather(A.contiguous(), shards, group_dst=owner, group=group)
-        if rank == owner:
-            singular = torch.linalg.svdvals(torch.cat(shards) if shards else A)
-            values[i] = torch.stack([singular[0], singular[-1]])
+    world = _world(group)
+    rank = dist.get_rank(group) if world > 1 else 0
+    owner = [owners[key] for key, _, _, _ in matrices]
+    views = [A.contiguous() for _, _, A, _ in matrices]
+    mine = [i for i in range(len(matrices)) if owner[i] == rank]
+    if world > 1:
+        sends = [[views[i].reshape(-1) for i in range(len(views)) if owner[i] == r] for r in range(world)]
+        flat = [torch.cat(s) if s else views[0].new_empty(0) for s in sends]
+        numel = sum(views[i].numel() for i in mine)
+        received = views[0].new_empty(world * numel)
+        dist.all_to_all_single(received, torch.cat(flat), [numel] * world, [f.numel() for f in flat], group=group)
+        by_rank = [r.split([views[i].numel() for i in mine]) for r in received.split([numel] * world)]
+        wholes = {i: torch.cat([by_rank[r][j].view(views[i].shape) for r in range(world)])
+                  for j, i in enumerate(mine)}
+    else:
+        wholes = {i: views[i] for i in mine}
+    dtype = torch.float64 if with_condition else views[0].dtype
+    values = [torch.zeros(2, dtype=dtype, device=A.device) for A in views]
+    for i, W in wholes.items():
+        singular = torch.linalg.svdvals(W.to(dtype))
+        values[i] = torch.stack([singular[0], singular[-1]])
     values = _all_reduce_parts(values, dist.ReduceOp.SUM, group)
     return [[v[0], torch.zeros_like(v[0]), v[1]] for v in values]
 

@@ -18,8 +18,11 @@ Who does what:
 - Within a stage the TP ranks of DP replica 0 compute every split tensor together, all of them
   in one :func:`~disco_megatron.norms.sharded.sharded_norms_many` call per kind: 2 +
   (largest σ_max iteration count) all-reduces over ``tp_group`` per kind, however many tensors
-  (plus one gather per exactly computed matrix); ``named_params`` order is the same on every TP
-  rank. Replicated tensors are computed by TP rank 0 alone, in the same call, without communication.
+  (plus, for the matrices measured exactly, one all_to_all to their SVD owners and one
+  all-reduce of the 2 values per matrix); ``named_params`` order is the same on every TP rank.
+  Each exact SVD runs once, on the rank the optimizer's plan has dualize that matrix
+  (:mod:`~disco_megatron.norms.owners`). Replicated tensors are computed by TP rank 0 alone, in
+  the same call, without communication.
 - TP rank 0 of each stage (DP replica 0) sends its results with one object gather over
   ``pp_group`` to the **last stage's** TP-rank-0 rank, the writer rank (docs/design.md §2:
   that is where the loss is, and where the training loop logs). It aggregates the groups
@@ -37,7 +40,7 @@ Record (one per logged step)::
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -45,6 +48,7 @@ import torch.distributed as dist
 
 from disco_megatron.norms.definitions import aggregate_groups
 from disco_megatron.norms.matrices import logical_pieces, matrix_group
+from disco_megatron.norms.owners import svd_owners as owners_of
 from disco_megatron.norms.sharded import PowerIterationState, global_numel, param_partition_dim, sharded_norms_many
 from disco_megatron.norms.writers import RECORD_KINDS as _KINDS
 from disco_megatron.optim.layout import ModelShape
@@ -72,7 +76,9 @@ class NormTracker:
     gives the fused tensors' logical matrices (:mod:`~disco_megatron.norms.matrices`).
     ``step_source``: the optimizer's step per parameter (:class:`~disco_megatron.norms.steps.ScionStepSource`);
     without one the record has no ``updates``. ``sigma_tol``/``max_power_iters``: σ_max's
-    relative error bound and the Lanczos cap.
+    relative error bound and the Lanczos cap. ``svd_owners``: the TP rank that runs each exact
+    SVD, by key (:func:`~disco_megatron.norms.owners.optimizer_svd_owners`: the optimizer's
+    owners); matrices without one are balanced over the TP ranks.
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class NormTracker:
         step_source: StepSource | None = None,
         sigma_tol: float = 1e-4,
         max_power_iters: int = 100,
+        svd_owners: Mapping[str, int] | None = None,
     ) -> None:
         if interval < 1:
             raise ValueError(f"--norm-log-interval must be >= 1 (got {interval})")
@@ -120,8 +127,14 @@ class NormTracker:
         self._mine = [(n, p, d) for n, p, d in with_dims if self.computes and (d is not None or self.tp_rank == 0)]
         # Logical matrices' global entry counts, from the shapes alone (meta tensors: no copy of an
         # FP8 parameter); a shape the model config does not explain fails here, at start-up.
-        self._numels = {key: global_numel(piece, pdim, tp_group) for name, p, pdim in self._mine
-                        for key, piece, pdim in self._pieces(name, torch.empty(p.shape, device="meta"), pdim)}
+        meta = [piece for name, p, pdim in self._mine
+                for piece in self._pieces(name, torch.empty(p.shape, device="meta"), pdim)]
+        self._numels = {key: global_numel(piece, pdim, tp_group) for key, piece, pdim in meta}
+        # The SVD owner of every split matrix, fixed once (A: the row-sharded view, sharded_norms).
+        split = [(key, *(piece.t() if pdim == 1 else piece).shape) for key, piece, pdim in meta
+                 if pdim is not None and piece.dim() == 2]
+        self._svd_owners = owners_of([(key, m * self.tp_size, n) for key, m, n in split], svd_owners or {},
+                                     self.tp_size)
         self._states = {kind: PowerIterationState(tol=sigma_tol, max_iters=max_power_iters) for kind, _ in _KINDS}
         self._before: dict[str, torch.Tensor] = {}
         self._before_step: int | None = None
@@ -175,7 +188,8 @@ class NormTracker:
         if steps is not None:
             tensors["updates"] = [(name, steps[id(p)], pdim) for name, p, pdim in self._mine if id(p) in steps]
         out = {key: sharded_norms_many([piece for name, t, pdim in items for piece in self._pieces(name, t, pdim)],
-                                       self.tp_group, state=self._states[kind], with_condition=self.with_condition)
+                                       self.tp_group, state=self._states[kind], with_condition=self.with_condition,
+                                       owners=self._svd_owners)
                for kind, key in _KINDS if (items := tensors.get(key)) is not None}
         return {**out, "numels": self._numels}
 

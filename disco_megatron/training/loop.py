@@ -67,6 +67,7 @@ def _train(run: Run, watch: PreemptionWatch, wall_start: float) -> dict:
     timer = StepTimer()
     skipped_in_row = 0
     losses: list[float] = []
+    device = next(run.parts.model.parameters()).device
     while run.state.iteration < cfg.train_iters and not totals.preempted:
         result = train_step(run)
         timer.steps += 1
@@ -75,7 +76,7 @@ def _train(run: Run, watch: PreemptionWatch, wall_start: float) -> dict:
             report_skip(run, skipped_in_row)
         if run.writer is not None and result.loss is not None:
             losses.append(result.loss)
-        totals.preempted = watch.agreed()
+        totals.preempted = watch.agreed(device)
         log_eval_save(run, result, timer, totals)
     if totals.preempted and run.info.rank == 0:
         log(f"signal received: checkpointing at iteration {run.state.iteration}, then exiting with code "

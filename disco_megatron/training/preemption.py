@@ -25,9 +25,13 @@ class PreemptionWatch:
     def _note(self, signum: int, frame: Optional[FrameType]) -> None:
         self.received = signum
 
-    def agreed(self) -> bool:
-        """Collective (every rank, once per step): True on all ranks when some rank received a signal."""
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    def agreed(self, device: torch.device) -> bool:
+        """Collective (every rank, once per step): True on all ranks when some rank received a signal.
+
+        ``device``: the model parameters' device, where the process group's collectives run.
+        A separate all-reduce: the step's own reductions are not over every rank (the loss is
+        reduced over DP on the last stage) or belong to the optimizer.
+        """
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())

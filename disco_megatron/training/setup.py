@@ -117,6 +117,7 @@ def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Option
 
     from disco_megatron.models.sharding import global_param_name
     from disco_megatron.norms import JsonlNormWriter, NormTracker, TensorBoardNormWriter, norm_log_path
+    from disco_megatron.norms.owners import optimizer_svd_owners
     from disco_megatron.norms.steps import optimizer_step_source
 
     writers = []
@@ -130,4 +131,5 @@ def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Option
     return NormTracker(named, cfg.norm_log_interval, ps.get_tensor_model_parallel_group(),
                        ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers,
                        with_condition=cfg.norm_condition_number, model_cfg=model.config,
-                       step_source=optimizer_step_source(optimizer, [p for _, p in named]))
+                       step_source=optimizer_step_source(optimizer, [p for _, p in named]),
+                       svd_owners=optimizer_svd_owners(optimizer, named))

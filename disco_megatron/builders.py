@@ -16,19 +16,21 @@ from disco_megatron.models import build_gpt_model, wrap_ddp
 
 @dataclass
 class Trainable:
-    """This rank's model stage, the DDP wrapper the schedules run, its optimizer and lr scheduler."""
+    """This rank's model chunks (one per stage, or ``--virtual-pipeline-model-parallel-size`` under the
+    interleaved schedule), their DDP wrappers the schedules run, the optimizer and the lr scheduler."""
 
-    model: Any
-    ddp: Any
+    model: list
+    ddp: list
     optimizer: Any
     scheduler: Any
 
 
 def build_trainable(cfg: RunConfig) -> Trainable:
-    """Model stage, DDP, optimizer and scheduler of ``cfg`` (megatron parallel_state initialised)."""
-    model = build_gpt_model(cfg.model)
-    ddp = wrap_ddp(model)
-    optimizer = build_optimizer(cfg, [ddp])
+    """Model chunks, DDP, optimizer and scheduler of ``cfg`` (megatron parallel_state initialised)."""
+    vp_stages = range(cfg.virtual_pipeline_model_parallel_size) if cfg.virtual_pipeline_model_parallel_size else [None]
+    model = [build_gpt_model(cfg.model, sequence_parallel=cfg.sequence_parallel, vp_stage=v) for v in vp_stages]
+    ddp = wrap_ddp(model, overlap_grad_reduce=cfg.overlap_grad_reduce)
+    optimizer = build_optimizer(cfg, ddp)
     return Trainable(model, ddp, optimizer, build_scheduler(cfg, optimizer))
 
 

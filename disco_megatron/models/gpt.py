@@ -45,6 +45,10 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, *, sequence_parallel:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        # Megatron-LM's interleaved default: unbatched p2p, one direction on another communicator. Batched,
+        # PP2's two stages would match a gradient sent one way with an activation received the other.
+        overlap_p2p_comm=vpp is not None,
+        batch_p2p_comm=vpp is None,
         context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         pipeline_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,

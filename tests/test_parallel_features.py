@@ -7,6 +7,7 @@
   stage) resumes TP1's checkpoint (weights and momentum) and trains TP1's losses, and its own checkpoint
   holds TP1's tensors under the same global names. It starts from TP1's checkpoint rather than from its
   own init because megatron offsets the init seed per pipeline stage, so PP layouts start elsewhere.
+  Its norm statistics name every matrix by its global layer, as TP1's do, with TP1's values.
 - ``--overlap-grad-reduce`` at DP2 trains TP1's losses, and the bucket all-reduce really starts during
   the backward pass on gloo (a pending handle before ``finalize_model_grads`` waits for it), from the
   second step on: megatron's DDP learns in the first step which gradients each bucket waits for.
@@ -17,17 +18,20 @@ Losses agree to 1e-5 relative: TP/DP/PP change only the order of fp32 reductions
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from disco_megatron.config import RunDir
 from tests._dist import run_workers
 from tests._launch import TINY_MODEL, torchrun, train_losses
 from tests.test_reliability import checkpoint_tensors
 
 ITERS = 4
 RTOL = 1e-5
+NORM_RTOL = 2e-4  # sigma_max: each run's Lanczos estimate is within 1e-4 (relative) of the true value
 
 
 def _args(run_dir: Path, *extra: str) -> list[str]:
@@ -39,7 +43,7 @@ def _args(run_dir: Path, *extra: str) -> list[str]:
 def tp1_run(tmp_path_factory) -> Path:
     """The reference: one process, checkpoints at steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("parallel") / "tp1"
-    result = torchrun(1, _args(run_dir, "--save-interval", "2"))
+    result = torchrun(1, _args(run_dir, "--save-interval", "2", "--norm-log-interval", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -63,7 +67,8 @@ def test_interleaved_schedule_resumes_tp1_and_matches_it(tp1_run, tmp_path):
     run_dir = tmp_path / "vpp"
     result = torchrun(2, _args(run_dir, "--pipeline-model-parallel-size", "2",
                                "--virtual-pipeline-model-parallel-size", "2",
-                               "--load", str(tp1_run / "checkpoints"), "--ckpt-step", "2"))
+                               "--load", str(tp1_run / "checkpoints"), "--ckpt-step", "2",
+                               "--norm-log-interval", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 model chunks per stage" in result.stdout + result.stderr
     _assert_losses_match(run_dir, tp1_run, first=3)
@@ -76,6 +81,20 @@ def test_interleaved_schedule_resumes_tp1_and_matches_it(tp1_run, tmp_path):
     assert "decoder.layers.mlp.linear_fc1.weight" in keys and "optimizer.state.momentum_buffer.output_layer.weight" in keys
     for key in keys:
         torch.testing.assert_close(mine[key], expected[key], rtol=RTOL, atol=1e-7, msg=key)
+    norms, expected_norms = _norms_at(run_dir, ITERS), _norms_at(tp1_run, ITERS)
+    assert "decoder.layers.3.self_attention.linear_qkv.weight:q" in expected_norms["params"]
+    for kind in ("params", "updates", "weight_changes"):
+        assert norms[kind].keys() == expected_norms[kind].keys(), kind
+        for matrix, values in expected_norms[kind].items():
+            for norm, value in values.items():
+                if norm == "sigma_max_rel_bound":  # how close Lanczos came, which depends on its start
+                    continue
+                assert norms[kind][matrix][norm] == pytest.approx(value, rel=NORM_RTOL, abs=1e-9), (kind, matrix, norm)
+
+
+def _norms_at(run_dir: Path, step: int) -> dict:
+    with open(RunDir(str(run_dir)).norms) as f:
+        return next(r for r in map(json.loads, f) if r["step"] == step)
 
 
 def test_overlap_grad_reduce_matches_tp1(tp1_run, tmp_path):

@@ -9,7 +9,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from disco_megatron import scion_options
@@ -161,6 +161,11 @@ class ModelConfig:
                 raise ConfigError(message)
 
 
+# RunConfig fields that describe how a layout runs, not what it holds (see RunConfig.at_layout).
+LAYOUT_FEATURES = ("virtual_pipeline_model_parallel_size", "context_parallel_size", "sequence_parallel",
+                   "overlap_grad_reduce", "overlap_param_gather")
+
+
 @dataclass
 class RunConfig:
     """Everything a pretraining run needs, resolved from flags."""
@@ -217,6 +222,13 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         """The inverse of :meth:`to_dict` (a run's ``run_config.json``); TypeError on unknown fields."""
         return cls(**{**data, "model": ModelConfig(**data["model"]), "scion": ScionFlags(**data["scion"])})
+
+    def at_layout(self, tp: int, pp: int) -> "RunConfig":
+        """This run at TP x PP without the parallel features of its own layout (a reshard's target): the
+        checkpoint files do not depend on them, and they may not fit the new layout."""
+        plain = RunConfig()
+        return replace(self, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       **{name: getattr(plain, name) for name in LAYOUT_FEATURES})
 
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)

@@ -151,3 +151,18 @@ def _groups_and_overlap_worker(rank: int, world: int) -> None:
 
 def test_context_parallel_joins_dp_and_overlap_starts_in_backward():
     run_workers(_groups_and_overlap_worker, 2)
+
+
+def test_reshard_target_drops_the_layout_features():
+    """A reshard rebuilds the run at the target TP x PP: interleaving, CP, SP and overlap of the source
+    layout must not follow it (SP at TP1 or VPP at PP1 would be refused)."""
+    from disco_megatron.config import RunConfig
+
+    source = RunConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, sequence_parallel=True,
+                       virtual_pipeline_model_parallel_size=2, context_parallel_size=2, overlap_grad_reduce=True,
+                       lr=0.5)
+    target = source.at_layout(1, 1)
+    assert (target.tensor_model_parallel_size, target.pipeline_model_parallel_size) == (1, 1)
+    assert (target.sequence_parallel, target.virtual_pipeline_model_parallel_size, target.context_parallel_size,
+            target.overlap_grad_reduce, target.lr) == (False, None, 1, False, 0.5)
+    target.validate_parallel_features(num_microbatches=1)

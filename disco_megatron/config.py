@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="disco-pretrain",
         description="Pretrain a GPT with megatron-core and the distributed Scion optimizer. "
-        "Launch with torchrun; world size = TP x PP x DP.",
+        "Launch with torchrun; world size = TP x PP x CP x DP.",
         epilog=f"Exit codes: 0 done; 2 bad flags or files (one error line per rank); {PREEMPTED_EXIT_CODE} "
         "stopped by SIGUSR1 or SIGTERM (Slurm --signal, or forwarded by torchrun): every rank finished the "
         "step in progress and the checkpoint was saved to --save, resume with --load; 1 any other failure.",

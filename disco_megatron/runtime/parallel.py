@@ -1,4 +1,4 @@
-"""torch.distributed + megatron-core parallel_state initialisation for TP x PP x DP runs."""
+"""torch.distributed + megatron-core parallel_state initialisation for TP x PP x CP x DP runs."""
 from __future__ import annotations
 
 import datetime

@@ -106,7 +106,7 @@ def step_worker(rank: int, world: int, preset_name: str, repeats: int, out: str,
     try:
         cfg = preset(preset_name)
         model = build_gpt_model(cfg)
-        ddp = wrap_ddp(model)
+        (ddp,) = wrap_ddp([model])
         forward_backward = _forward_backward(cfg, ddp)
         forward_backward()
         opts = _build_optimizers(cfg, ddp, names)

@@ -17,21 +17,25 @@ from disco_megatron.models.init import initialize_weights
 
 @dataclass
 class Trainable:
-    """This rank's model stage, the DDP wrapper the schedules run, its optimizer and lr scheduler."""
+    """This rank's model chunks (one per stage, or ``--virtual-pipeline-model-parallel-size`` under the
+    interleaved schedule), their DDP wrappers the schedules run, the optimizer and the lr scheduler."""
 
-    model: Any
-    ddp: Any
+    model: list
+    ddp: list
     optimizer: Any
     scheduler: Any
 
 
 def build_trainable(cfg: RunConfig) -> Trainable:
-    """Model stage (``--init-method``'s weights, before DDP and the optimizer copy them), DDP, optimizer and
-    scheduler of ``cfg`` (megatron parallel_state initialised)."""
-    model = build_gpt_model(cfg.model)
-    initialize_weights(model, cfg.model, method=cfg.init_method, seed=cfg.seed, output_lmo=cfg.scion.output_lmo)
-    ddp = wrap_ddp(model)
-    optimizer = build_optimizer(cfg, [ddp])
+    """Model chunks (``--init-method``'s weights, before DDP and the optimizer copy them), DDP, optimizer
+    and scheduler of ``cfg`` (megatron parallel_state initialised)."""
+    vp_stages = range(cfg.virtual_pipeline_model_parallel_size) if cfg.virtual_pipeline_model_parallel_size else [None]
+    model = [build_gpt_model(cfg.model, sequence_parallel=cfg.sequence_parallel, vp_stage=v) for v in vp_stages]
+    for vp_stage, chunk in enumerate(model):
+        initialize_weights(chunk, cfg.model, method=cfg.init_method, seed=cfg.seed, output_lmo=cfg.scion.output_lmo,
+                           vp_stage=vp_stage, vp_size=len(model))
+    ddp = wrap_ddp(model, overlap_grad_reduce=cfg.overlap_grad_reduce)
+    optimizer = build_optimizer(cfg, ddp)
     return Trainable(model, ddp, optimizer, build_scheduler(cfg, optimizer))
 
 

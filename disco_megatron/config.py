@@ -9,7 +9,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from disco_megatron import scion_options
@@ -41,19 +41,20 @@ class ConfigError(ValueError):
     """Invalid flags; the message names the flag and the fix."""
 
 
-def validate_world(world_size: int, tp: int, pp: int) -> int:
+def validate_world(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
     """Return DP size, or raise a message naming the flags when the world cannot be split."""
-    if tp < 1 or pp < 1:
+    if tp < 1 or pp < 1 or cp < 1:
         raise ConfigError(
-            f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1"
+            f"--tensor-model-parallel-size ({tp}), --pipeline-model-parallel-size ({pp}) and "
+            f"--context-parallel-size ({cp}) must be >= 1"
         )
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes "
-            "(torchrun --nproc-per-node) or change the sizes"
+            f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; launch a multiple of "
+            f"{tp * pp * cp} processes (torchrun --nproc-per-node) or change the sizes"
         )
-    return world_size // (tp * pp)
+    return world_size // (tp * pp * cp)
 
 
 class _Entry:
@@ -173,6 +174,10 @@ INIT_METHOD_HELP = (
     "init_method_normal / scaled_init_method_normal). Both: norm weights ones, biases zero. "
     "(default: scion with --optimizer scion, megatron with adam)")
 
+# RunConfig fields that describe how a layout runs, not what it holds (see RunConfig.at_layout).
+LAYOUT_FEATURES = ("virtual_pipeline_model_parallel_size", "context_parallel_size", "sequence_parallel",
+                   "overlap_grad_reduce", "overlap_param_gather")
+
 
 @dataclass
 class RunConfig:
@@ -182,6 +187,11 @@ class RunConfig:
     scion: ScionFlags = field(default_factory=ScionFlags)
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
     micro_batch_size: int = 4
     global_batch_size: int = 8
     train_iters: int = 100
@@ -231,6 +241,13 @@ class RunConfig:
         """The inverse of :meth:`to_dict` (a run's ``run_config.json``); TypeError on unknown fields."""
         return cls(**{**data, "model": ModelConfig(**data["model"]), "scion": ScionFlags(**data["scion"])})
 
+    def at_layout(self, tp: int, pp: int) -> "RunConfig":
+        """This run at TP x PP without the parallel features of its own layout (a reshard's target): the
+        checkpoint files do not depend on them, and they may not fit the new layout."""
+        plain = RunConfig()
+        return replace(self, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       **{name: getattr(plain, name) for name in LAYOUT_FEATURES})
+
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
 
@@ -241,13 +258,14 @@ class RunConfig:
         (``disco_megatron.train``), which knows the dataset and checkpoint formats.
         """
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        dp = validate_world(world_size, tp, pp)
+        dp = validate_world(world_size, tp, pp, self.context_parallel_size)
         self.model.validate(tp, pp)
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
                 f"{self.micro_batch_size} x data-parallel size {dp}"
             )
+        self.validate_parallel_features(self.num_microbatches(dp))
         positive = {"--lr": self.lr, "--train-iters": self.train_iters, "--micro-batch-size": self.micro_batch_size,
                     "--global-batch-size": self.global_batch_size, "--log-interval": self.log_interval,
                     "--norm-log-interval": self.norm_log_interval, "--max-skipped-steps": self.max_skipped_steps,
@@ -278,6 +296,45 @@ class RunConfig:
             raise ConfigError(f"--ckpt-step {self.ckpt_step} needs --load (the checkpoint directory to load from)")
         return dp
 
+    def validate_parallel_features(self, num_microbatches: int) -> None:
+        """Sequence parallel, the interleaved schedule, context parallel and DDP overlap, as Megatron-LM
+        checks them (it needs a GPU for CP: TransformerEngine's attention is the only one that splits it)."""
+        tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
+        seq, vpp = self.model.seq_length, self.virtual_pipeline_model_parallel_size
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the "
+                              "sequence over the TP ranks); drop the flag or raise TP")
+        if self.sequence_parallel and seq % tp:
+            raise ConfigError(f"--sequence-parallel: --seq-length {seq} is not divisible by "
+                              f"--tensor-model-parallel-size {tp}")
+        if vpp is not None:
+            if vpp < 1:
+                raise ConfigError(f"--virtual-pipeline-model-parallel-size must be >= 1 (got {vpp})")
+            if pp == 1:
+                raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size "
+                                  "> 1 (the interleaved schedule splits each stage into chunks)")
+            if self.model.num_layers % (pp * vpp):
+                raise ConfigError(f"--num-layers {self.model.num_layers} is not divisible by "
+                                  f"--pipeline-model-parallel-size {pp} x --virtual-pipeline-model-parallel-size "
+                                  f"{vpp}; every model chunk needs the same number of layers")
+            if num_microbatches % pp:
+                raise ConfigError(f"--virtual-pipeline-model-parallel-size: the interleaved schedule needs the "
+                                  f"number of microbatches ({num_microbatches} = --global-batch-size / "
+                                  f"(--micro-batch-size x DP)) to be a multiple of --pipeline-model-parallel-size "
+                                  f"{pp}")
+        if cp > 1:
+            if self.model.transformer_impl != "transformer_engine":
+                raise ConfigError(f"--context-parallel-size {cp} needs --transformer-impl transformer_engine "
+                                  "(TransformerEngine's attention splits the sequence over CP ranks; it needs a "
+                                  "CUDA GPU); the local spec runs CP 1 only")
+            if seq % (2 * cp * (tp if self.sequence_parallel else 1)):
+                raise ConfigError(f"--context-parallel-size {cp}: --seq-length {seq} must be divisible by 2 x CP"
+                                  f"{' x TP (--sequence-parallel)' if self.sequence_parallel else ''}")
+        if self.overlap_param_gather:
+            raise ConfigError("--overlap-param-gather overlaps megatron's all-gather of a DP-sharded Adam "
+                              "(--use-distributed-optimizer); disco-pretrain's DDP keeps whole parameters on "
+                              "every DP rank, so there is nothing to gather: drop the flag")
+
 
 MODEL_FLAGS = {
     "num_layers": ("--num-layers", int, "number of transformer layers"),
@@ -303,7 +360,14 @@ MODEL_FLAGS = {
 
 RUN_FLAGS = {
     "tensor_model_parallel_size": ("--tensor-model-parallel-size", int, "TP size"),
-    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", int, "PP size (DP = world / (TP x PP))"),
+    "pipeline_model_parallel_size": ("--pipeline-model-parallel-size", int, "PP size (DP = world / (TP x PP x CP))"),
+    "virtual_pipeline_model_parallel_size": (
+        "--virtual-pipeline-model-parallel-size", int,
+        "model chunks per pipeline stage: megatron's interleaved 1F1B schedule (needs PP > 1, --num-layers "
+        "divisible by PP x this, microbatches a multiple of PP)"),
+    "context_parallel_size": ("--context-parallel-size", int,
+                              "CP size: the sequence split over CP ranks, which join DP for the optimizer "
+                              "(needs --transformer-impl transformer_engine, i.e. a GPU)"),
     "micro_batch_size": ("--micro-batch-size", int, "sequences per microbatch per DP rank"),
     "global_batch_size": ("--global-batch-size", int, "sequences per optimizer step over all DP ranks"),
     "train_iters": ("--train-iters", int, "optimizer steps to train"),
@@ -358,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="disco-pretrain",
         description="Pretrain a GPT with megatron-core and the distributed Scion optimizer. "
-        "Launch with torchrun; world size = TP x PP x DP.",
+        "Launch with torchrun; world size = TP x PP x CP x DP.",
         epilog=f"Exit codes: 0 done; 2 bad flags or files (one error line per rank); {PREEMPTED_EXIT_CODE} "
         "stopped by SIGUSR1 or SIGTERM (Slurm --signal, or forwarded by torchrun): every rank finished the "
         "step in progress and the checkpoint was saved to --save, resume with --load; 1 any other failure.",
@@ -391,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--init-method", default=None, metavar="{" + ",".join(INIT_METHODS) + "}", help=INIT_METHOD_HELP)
     run.add_argument("--norm-condition-number", action="store_true",
                      help="log each matrix's condition number (an exact SVD per matrix per logging step)")
+    run.add_argument("--sequence-parallel", action="store_true",
+                     help="split layernorm/dropout activations along the sequence over the TP ranks "
+                     "(megatron sequence parallel; needs TP > 1)")
+    run.add_argument("--overlap-grad-reduce", action="store_true",
+                     help="megatron DDP all-reduces gradient buckets during the backward pass")
+    run.add_argument("--overlap-param-gather", action="store_true",
+                     help="refused: only megatron's DP-sharded Adam gathers parameters (see the error)")
     run.add_argument("--no-load-optim", action="store_true", help="with --load: do not load optimizer state")
     run.add_argument("--no-load-rng", action="store_true", help="with --load: do not load RNG state")
     scion = parser.add_argument_group("scion", "distributed Scion (--optimizer scion)")

@@ -115,6 +115,26 @@ PARSE_CASES = {
                                     ["--config", str(t / "run_config.json"), "No such file"]),
     "config_not_a_run_config": lambda t, d: (["--config", _write(t / "other.json", '{"lr": 1}')],
                                              ["--config", str(t / "other.json"), "not a disco-pretrain"]),
+    "sequence_parallel_without_tp": lambda t, d: (
+        [*TINY_MODEL, "--sequence-parallel"], ["--sequence-parallel", "--tensor-model-parallel-size > 1"]),
+    "sequence_parallel_seq_not_divisible": lambda t, d: (
+        [*TINY_TP2, "--sequence-parallel", "--seq-length", "33"], ["--sequence-parallel", "--seq-length 33"]),
+    "vpp_without_pp": lambda t, d: (
+        [*TINY_MODEL, "--virtual-pipeline-model-parallel-size", "2"],
+        ["--virtual-pipeline-model-parallel-size", "--pipeline-model-parallel-size > 1"]),
+    "vpp_does_not_divide_layers": lambda t, d: (
+        [*TINY_MODEL, "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "3"],
+        ["--num-layers 4", "--pipeline-model-parallel-size 2", "--virtual-pipeline-model-parallel-size 3"]),
+    "vpp_microbatches_not_multiple_of_pp": lambda t, d: (
+        [*TINY_MODEL, "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+         "--micro-batch-size", "1", "--global-batch-size", "3"],
+        ["number of microbatches (3", "--pipeline-model-parallel-size 2"]),
+    "context_parallel_on_local_spec": lambda t, d: (
+        [*TINY_MODEL, "--context-parallel-size", "2"],
+        ["--context-parallel-size 2", "--transformer-impl transformer_engine", "GPU"]),
+    "context_parallel_does_not_divide_world": lambda t, d: (
+        [*TINY_MODEL, "--context-parallel-size", "4"], ["world size 2", "--context-parallel-size 4"]),
+    "overlap_param_gather": lambda t, d: (["--overlap-param-gather"], ["--overlap-param-gather", "drop the flag"]),
     "ckpt_step_not_saved": lambda t, d: (
         ["--load", _fake_checkpoints(t, (2, 4)), "--ckpt-step", "3"],
         ["--ckpt-step 3", "iter_0000003", "saved iterations", "2, 4"]),

@@ -112,7 +112,7 @@ def _adam_skip_worker(rank: int, world: int) -> None:
     model = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=128, seq_length=16, vocab_size=256, make_vocab_size_divisible_by=64)
     parts = build_trainable(RunConfig(model=model, optimizer="adam", lr=1e-3, tensor_model_parallel_size=world))
-    params = list(parts.model.parameters())
+    params = [p for chunk in parts.model for p in chunk.parameters()]
     for param in params:
         param.main_grad.fill_(0.01)  # DDP's gradient buffer, as after a backward pass
     if rank == 1:

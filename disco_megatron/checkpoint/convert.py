@@ -379,8 +379,8 @@ def reshard(load: str, out: str, target_tp: int, target_pp: int, iteration: Opti
     if (cfg.optimizer == "scion") != (common["optimizer_type"] == "ScionOptimizer"):
         raise ConversionError(f"--run-config {config_path} says --optimizer {cfg.optimizer} but {ckpt} holds "
                               f"{common['optimizer_type']} state; pass the run_config.json of the run that saved it")
+    cfg = cfg.at_layout(target_tp, target_pp)
     cfg.model = checkpoint_model_config(common, load)
-    cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size = target_tp, target_pp
     cfg.load = cfg.save = cfg.run_dir = None
     try:
         cfg.model.validate(target_tp, target_pp)

@@ -132,12 +132,36 @@ def _set_rng_state(state: dict) -> None:
     mp_random.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _chunk_keys(model) -> list:
+    """(chunk, key of its state) of ``model``: one model stage (key None: its state is the whole
+    ``model`` entry), or the list of chunks of the interleaved schedule (key ``chunkN``)."""
+    if not isinstance(model, list):
+        return [(model, None)]
+    if len(model) == 1:
+        return [(model[0], None)]
+    return [(chunk, f"chunk{index}") for index, chunk in enumerate(model)]
+
+
+def _model_sharded_state(model) -> dict:
+    """The model's sharded state. Tensor keys are global (megatron numbers each chunk's layers from
+    its offset), so the files do not depend on the chunking and load into any layout."""
+    pairs = _chunk_keys(model)
+    if pairs[0][1] is None:
+        return pairs[0][0].sharded_state_dict()
+    return {key: chunk.sharded_state_dict() for chunk, key in pairs}
+
+
+def _load_model_state(model, loaded: dict) -> None:
+    for chunk, key in _chunk_keys(model):
+        chunk.load_state_dict(loaded if key is None else loaded[key])
+
+
 def _sharded_state(model, optimizer, scheduler, state: TrainState, model_config: dict,
                    parallel: dict, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd = model.sharded_state_dict()
+    model_sd = _model_sharded_state(model)
     sharded = {
         "model": model_sd,
         "train_state": vars(state).copy(),
@@ -175,7 +199,9 @@ def _in_process_results_queue() -> None:
 
 def save_checkpoint(save: str, model, optimizer, scheduler, state: TrainState, model_config: dict,
                     parallel: dict) -> str:
-    """Write ``SAVE/iter_N`` atomically on every rank, then move the ``latest`` pointer (rank 0)."""
+    """Write ``SAVE/iter_N`` atomically on every rank, then move the ``latest`` pointer (rank 0).
+
+    ``model``: this rank's model stage, or the list of its model chunks."""
     from megatron.core import dist_checkpointing
 
     final = checkpoint_dir(save, state.iteration)
@@ -283,7 +309,7 @@ def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, 
         loaded = dist_checkpointing.load(sharded, ckpt)
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(f"--load {load}: cannot load {ckpt} ({_one_line(exc)})") from exc
-    model.load_state_dict(loaded["model"])
+    _load_model_state(model, loaded["model"])
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:

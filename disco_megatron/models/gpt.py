@@ -13,8 +13,10 @@ if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig":
-    """megatron-core TransformerConfig for this model shape and parallel layout."""
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, *, sequence_parallel: bool = False,
+                       vpp: Optional[int] = None, cp: int = 1) -> "TransformerConfig":
+    """megatron-core TransformerConfig for this model shape and parallel layout (``vpp``: model chunks
+    per stage, ``cp``: context-parallel size)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from disco_megatron.models.fp8 import check_fp8, fp8_recipe
@@ -42,6 +44,13 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int) -> "TransformerConfig
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        # Megatron-LM's interleaved default: unbatched p2p, one direction on another communicator. Batched,
+        # PP2's two stages would match a gradient sent one way with an activation received the other.
+        overlap_p2p_comm=vpp is not None,
+        batch_p2p_comm=vpp is None,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
         pipeline_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         bf16=cfg.bf16,
@@ -79,19 +88,25 @@ def build_gpt_model(
     cfg: ModelConfig,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    *,
+    sequence_parallel: bool = False,
+    vp_stage: Optional[int] = None,
 ) -> "GPTModel":
-    """This rank's stage of the GPT (parallel_state must be initialised)."""
+    """This rank's stage of the GPT, or its model chunk ``vp_stage`` under the interleaved schedule
+    (parallel_state must be initialised; it gives the virtual-pipeline and context-parallel sizes)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage()
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage)
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage()
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage)
     model = GPTModel(
-        config=transformer_config(cfg, tp, pp),
+        config=transformer_config(cfg, tp, pp, sequence_parallel=sequence_parallel, vpp=vpp,
+                                  cp=ps.get_context_parallel_world_size()),
         transformer_layer_spec=layer_spec(cfg),
         vocab_size=cfg.padded_vocab_size(tp),
         max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
@@ -101,6 +116,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -122,8 +122,9 @@ def full_init(name: str, shape: tuple[int, ...], *, method: str, seed: int, mode
 
 @torch.no_grad()
 def initialize_weights(model: torch.nn.Module, cfg: ModelConfig, *, method: str, seed: int,
-                       output_lmo: str = "rownorm") -> None:
-    """Overwrite every parameter of this rank's stage with its TP shard of :func:`full_init`.
+                       output_lmo: str = "rownorm", vp_stage: int = 0, vp_size: int = 1) -> None:
+    """Overwrite every parameter of this rank's model chunk ``vp_stage`` (of ``vp_size``, the virtual
+    pipeline) with its TP shard of :func:`full_init`.
 
     Call after building the stage and before DDP or the optimizer copy the weights (fp32 masters).
     One full tensor exists at a time; the TP size and rank come from megatron's parallel_state.
@@ -133,7 +134,7 @@ def initialize_weights(model: torch.nn.Module, cfg: ModelConfig, *, method: str,
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     for name, param in model.named_parameters():
-        global_name = global_param_name(name, pp_rank, cfg.num_layers, pp)
+        global_name = global_param_name(name, pp_rank, cfg.num_layers, pp, vp_stage, vp_size)
         dim = tp_partition_dim(global_name)
         shape = list(param.shape)
         if dim is not None:

@@ -7,7 +7,9 @@ naming table (:mod:`disco_megatron.models.naming`); this module does the arithme
 - a gated ``linear_fc1`` (weight and bias) is ``[gate | up]`` and TP shard r is
   ``[gate_r | up_r]`` (each half chunked separately);
 - pipeline stages number their ``decoder.layers.N.`` locally from 0; with an even split,
-  global layer = stage * layers_per_stage + local.
+  global layer = stage * layers_per_stage + local; under the interleaved schedule (``vp_size``
+  model chunks per stage) chunk v of stage p holds global layers from (v * pp + p) * layers_per_chunk,
+  megatron's ``get_transformer_layer_offset``.
 """
 from __future__ import annotations
 
@@ -61,17 +63,21 @@ def layer_to_stage(global_layer: int, num_layers: int, pp_size: int) -> tuple[in
     return divmod(global_layer, per_stage)
 
 
-def stage_to_layer(pp_rank: int, local_layer: int, num_layers: int, pp_size: int) -> int:
-    """Global layer index of local layer ``local_layer`` on stage ``pp_rank``."""
-    return pp_rank * _layers_per_stage(num_layers, pp_size) + local_layer
+def stage_to_layer(pp_rank: int, local_layer: int, num_layers: int, pp_size: int,
+                   vp_stage: int = 0, vp_size: int = 1) -> int:
+    """Global layer index of local layer ``local_layer`` on stage ``pp_rank`` (its model chunk ``vp_stage``
+    of ``vp_size`` under the interleaved schedule)."""
+    per_chunk = _layers_per_stage(num_layers, pp_size * vp_size)
+    return (vp_stage * pp_size + pp_rank) * per_chunk + local_layer
 
 
-def global_param_name(name: str, pp_rank: int, num_layers: int, pp_size: int) -> str:
-    """Rewrite a stage-local ``decoder.layers.N.`` name to its global (PP1) layer number."""
+def global_param_name(name: str, pp_rank: int, num_layers: int, pp_size: int,
+                      vp_stage: int = 0, vp_size: int = 1) -> str:
+    """Rewrite a stage-local (chunk-local) ``decoder.layers.N.`` name to its global (PP1) layer number."""
     local = layer_number(name)
     if local is None:
         return canonical_name(name)
-    return renumber_layer(name, stage_to_layer(pp_rank, local, num_layers, pp_size))
+    return renumber_layer(name, stage_to_layer(pp_rank, local, num_layers, pp_size, vp_stage, vp_size))
 
 
 def local_param_name(name: str, num_layers: int, pp_size: int) -> tuple[int | None, str]:

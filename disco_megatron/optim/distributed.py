@@ -77,11 +77,13 @@ class StageGroups:
 
     @classmethod
     def from_megatron(cls) -> "StageGroups":
-        """The groups of megatron-core's ``parallel_state`` (must be initialised)."""
+        """The groups of megatron-core's ``parallel_state`` (must be initialised). Context-parallel ranks
+        hold the same parameters and, after DDP's reduce over DP x CP, the same gradients: for the
+        optimizer they are DP replicas, as for megatron's own optimizers."""
         from megatron.core import parallel_state as ps
 
-        return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
-                   tp_dp=ps.get_tensor_and_data_parallel_group(), world=dist.group.WORLD)
+        return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(with_context_parallel=True),
+                   tp_dp=ps.get_tensor_and_data_parallel_group(with_context_parallel=True), world=dist.group.WORLD)
 
 
 class GradCheck(NamedTuple):

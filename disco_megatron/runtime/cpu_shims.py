@@ -6,7 +6,8 @@ carries a one-line reason. Nothing in megatron-core is edited; see docs/cpu_note
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import copy
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -113,6 +114,10 @@ def install_cpu_shims() -> bool:
     from megatron.core.optimizer import optimizer as mcore_optimizer
 
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grads_by_total_norm
+    # Reason: without apex the local spec's torch norm refuses --sequence-parallel (it would not mark its gains).
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    WrappedTorchNorm.__new__ = staticmethod(_sequence_parallel_norm(WrappedTorchNorm.__new__))
     _INSTALLED = True
     return True
 
@@ -128,6 +133,24 @@ def _clip_grads_by_total_norm(parameters, max_norm: float, total_norm: float,
         grad = getattr(param, attr, None)
         if grad is not None:
             grad.mul_(clip_coeff)
+
+
+def _sequence_parallel_norm(new: Callable) -> Callable:
+    """megatron's torch norm, also under sequence parallel: built as without it (a norm is per token, so
+    it runs on a sequence shard as is), its parameters marked ``sequence_parallel`` as apex's norm marks
+    them, so ``finalize_model_grads`` all-reduces their gradients over TP (each rank saw part of the tokens)."""
+
+    def build(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return new(cls, config, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = new(cls, plain, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return build
 
 
 def seed_rng_tracker(seed: int, tp_rank: int) -> None:

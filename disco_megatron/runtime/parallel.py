@@ -1,4 +1,4 @@
-"""torch.distributed + megatron-core parallel_state initialisation for TP x PP x DP runs."""
+"""torch.distributed + megatron-core parallel_state initialisation for TP x PP x CP x DP runs."""
 from __future__ import annotations
 
 import datetime
@@ -19,7 +19,7 @@ from disco_megatron.runtime.cpu_shims import install_cpu_shims, seed_rng_tracker
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """Where this process sits in the TP x PP x DP grid."""
+    """Where this process sits in the TP x PP x CP x DP grid (``vpp``: model chunks per stage)."""
 
     rank: int
     world_size: int
@@ -29,6 +29,9 @@ class ParallelInfo:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
+    vpp: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -90,11 +93,15 @@ def set_seeds(seed: int, tp_rank: int, pp_rank: int) -> None:
         seed_rng_tracker(stage_seed, tp_rank)
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: float = 300.0) -> ParallelInfo:
-    """Init the process group (gloo on CPU, nccl on GPU), megatron parallel_state and seeds."""
+def initialize_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: float = 300.0, *,
+                        vpp: Optional[int] = None, cp: int = 1) -> ParallelInfo:
+    """Init the process group (gloo on CPU, nccl on GPU), megatron parallel_state and seeds.
+
+    ``vpp``: model chunks per pipeline stage (the interleaved schedule); ``cp``: context-parallel size.
+    """
     install_cpu_shims()
     world = int(os.environ.get("WORLD_SIZE", "1")) if not torch.distributed.is_initialized() else torch.distributed.get_world_size()
-    validate_world(world, tp, pp)
+    validate_world(world, tp, pp, cp)
     init_process_group(timeout_s)
     from megatron.core import parallel_state as ps
 
@@ -103,6 +110,8 @@ def initialize_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: f
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     info = current_parallel_info()
@@ -122,6 +131,9 @@ def current_parallel_info() -> ParallelInfo:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        cp=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
+        vpp=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     )
 
 

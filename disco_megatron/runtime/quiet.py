@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 
 # (message pattern, category): CUDA tuning hints and apex/TransformerEngine fallbacks on every
-# import, and megatron's own deprecated torch calls inside dist_checkpointing loads.
+# import, and megatron's own deprecated torch calls inside dist_checkpointing loads and sequence parallel.
 _KNOWN_NOISE = (
     (".*full scope is deprecated.*", Warning),
     (".*CUDA_DEVICE_MAX_CONNECTIONS.*", Warning),
@@ -12,6 +12,7 @@ _KNOWN_NOISE = (
     (".*Transformer Engine and Apex are not installed.*", Warning),
     ("`load_state_dict` is deprecated", FutureWarning),
     ("Please use DTensor instead", FutureWarning),
+    ("`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning),
 )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional
+from functools import partial
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -24,7 +25,7 @@ class Run:
     info: ParallelInfo
     parts: Trainable
     state: storage.TrainState
-    train_batches: Iterator[dict]
+    train_batches: Union[Iterator[dict], list[Iterator[dict]]]  # one per model chunk under the interleaved schedule
     valid_ds: Any  # None without --eval-interval
     num_microbatches: int
     writer: Optional[RunWriter]  # on the writer rank only
@@ -35,17 +36,19 @@ def setup_run(cfg: RunConfig, dp: int) -> Run:
     """This rank's run of ``cfg`` (validated; ``dp`` its DP size), resumed from ``--load`` when it holds one."""
     quiet_known_warnings()
     info = initialize_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                               cfg.seed, timeout_s=60.0 * cfg.distributed_timeout_minutes)
+                               cfg.seed, timeout_s=60.0 * cfg.distributed_timeout_minutes,
+                               vpp=cfg.virtual_pipeline_model_parallel_size, cp=cfg.context_parallel_size)
     from disco_megatron.data import build_gpt_datasets, micro_batches
 
     tokenizer, prefix = prepare_data(cfg, info)
     cfg.model.vocab_size = tokenizer.vocab_size
     if info.rank == 0:
-        log(f"world {info.world_size} = TP {info.tp} x PP {info.pp} x DP {info.dp}; optimizer {cfg.optimizer}; "
+        log(f"world {info.world_size} = TP {info.tp} x PP {info.pp} x CP {info.cp} x DP {info.dp}"
+            f"{f' ({info.vpp} model chunks per stage)' if info.vpp > 1 else ''}; optimizer {cfg.optimizer}; "
             f"vocab {cfg.model.vocab_size} (padded {cfg.model.padded_vocab_size(info.tp)})")
     parts = build_trainable(cfg)
     if info.rank == 0:
-        n_params = sum(p.numel() for p in parts.model.parameters())
+        n_params = sum(p.numel() for chunk in parts.model for p in chunk.parameters())
         log(f"stage 0 / TP rank 0 holds {n_params / 1e6:.2f} M parameters")
     state = resume(cfg, info, parts)
 
@@ -55,7 +58,8 @@ def setup_run(cfg: RunConfig, dp: int) -> Run:
     train_ds, valid_ds, _ = build_gpt_datasets(prefix, tokenizer, cfg.model.seq_length,
                                                (train_samples, eval_samples, 0), cfg.split, cfg.seed,
                                                cfg.data_cache_path and os.path.join(cfg.data_cache_path, "index"))
-    train_batches = micro_batches(train_ds, cfg.micro_batch_size, info.dp_rank, info.dp, state.consumed_samples)
+    train_batches = data_iterators(partial(micro_batches, train_ds, cfg.micro_batch_size, info.dp_rank, info.dp,
+                                           state.consumed_samples), info.vpp)
 
     writer = RunWriter(cfg.run_dir, cfg.tensorboard_dir) if _is_writer_rank(info) else None
     if info.rank == 0 and cfg.run_dir:
@@ -66,9 +70,15 @@ def setup_run(cfg: RunConfig, dp: int) -> Run:
     return Run(cfg, info, parts, state, train_batches, valid_ds, cfg.num_microbatches(dp), writer, tracker)
 
 
+def data_iterators(make: Callable[[], Iterator[dict]], chunks: int) -> Union[Iterator[dict], list[Iterator[dict]]]:
+    """The schedule's data iterator: one, or one per model chunk under the interleaved schedule (each chunk
+    draws every microbatch, as Megatron-LM gives each chunk its own loader over the same data)."""
+    return make() if chunks == 1 else [make() for _ in range(chunks)]
+
+
 def _is_writer_rank(info: ParallelInfo) -> bool:
     """The last stage's first rank writes logs (it is where the loss is)."""
-    return info.is_last_stage and info.tp_rank == 0 and info.dp_rank == 0
+    return info.is_last_stage and info.tp_rank == 0 and info.dp_rank == 0 and info.cp_rank == 0
 
 
 def prepare_data(cfg: RunConfig, info: ParallelInfo):
@@ -112,7 +122,8 @@ def resume(cfg: RunConfig, info: ParallelInfo, parts: Trainable) -> storage.Trai
 
 
 def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Optional[RunWriter], optimizer):
-    """The per-step norm tracker; it writes ``--norm-log-file`` and TensorBoard scalars on the writer rank."""
+    """The per-step norm tracker over every model chunk (global parameter names); it writes
+    ``--norm-log-file`` and TensorBoard scalars on the writer rank."""
     from megatron.core import parallel_state as ps
 
     from disco_megatron.models.sharding import global_param_name
@@ -126,10 +137,10 @@ def build_norm_tracker(cfg: RunConfig, info: ParallelInfo, model, writer: Option
         writers.append(JsonlNormWriter(path))
     if writer is not None and writer.tb is not None:
         writers.append(TensorBoardNormWriter(writer.tb))
-    named = [(global_param_name(name, info.pp_rank, cfg.model.num_layers, info.pp), param)
-             for name, param in model.named_parameters()]
+    named = [(global_param_name(name, info.pp_rank, cfg.model.num_layers, info.pp, vp_stage, info.vpp), param)
+             for vp_stage, chunk in enumerate(model) for name, param in chunk.named_parameters()]
     return NormTracker(named, cfg.norm_log_interval, ps.get_tensor_model_parallel_group(),
                        ps.get_pipeline_model_parallel_group(), info.dp_rank, info.pp_rank, info.pp, writers,
-                       with_condition=cfg.norm_condition_number, model_cfg=model.config,
+                       with_condition=cfg.norm_condition_number, model_cfg=model[0].config,
                        step_source=optimizer_step_source(optimizer, [p for _, p in named]),
                        svd_owners=optimizer_svd_owners(optimizer, named))

@@ -38,25 +38,41 @@ def _nan_iterations() -> set[int]:
     return {int(x) for x in text.split(",") if x.strip()}
 
 
-def loss_func(loss_mask: torch.Tensor, poison: bool, output_tensor: torch.Tensor):
-    """Mean next-token cross entropy over unmasked tokens of one microbatch."""
+def loss_func(loss_mask: torch.Tensor, poison: bool, cp_group, output_tensor: torch.Tensor):
+    """Mean next-token cross entropy over unmasked tokens of one microbatch.
+
+    ``cp_group``: with context parallel each rank holds a part of every sequence, so the sum and the
+    count are all-reduced over it (the gradient flows through this rank's part; the schedule multiplies
+    the loss by the CP size, which DDP's average over DP x CP divides out again); None without CP.
+    """
     losses = output_tensor.float()
     mask = loss_mask.float().view(-1)
-    loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1.0)
+    total = torch.stack([torch.sum(losses.view(-1) * mask), mask.sum()])
+    if cp_group is not None:
+        torch.distributed.all_reduce(total, group=cp_group)
+    loss = total[0] / total[1].clamp(min=1.0)
     if poison:
         loss = loss * float("nan")
     return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
 
 def make_forward_step(poison: bool = False):
-    """megatron's forward_step_func: a batch from the iterator through the model stage."""
+    """megatron's forward_step_func: a batch from the iterator through the model chunk (this context-parallel
+    rank's part of the sequence, as Megatron-LM's ``get_batch_on_this_cp_rank`` cuts it)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
 
     def forward_step(data_iterator: Iterator[dict], model):
         batch = next(data_iterator)
+        if cp_group is not None:
+            batch = get_batch_on_this_cp_rank(dict(batch))
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(loss_func, batch["loss_mask"], poison)
+        return output, partial(loss_func, batch["loss_mask"], poison, cp_group)
 
     return forward_step
+
 
 
 def reduce_mean_loss(losses: list, info: ParallelInfo) -> Optional[float]:
@@ -77,11 +93,12 @@ def train_step(run: "Run") -> StepResult:
 
     cfg, parts, state, tracker = run.cfg, run.parts, run.state, run.tracker
     iteration = state.iteration + 1
-    parts.ddp.zero_grad_buffer()
+    for chunk in parts.ddp:
+        chunk.zero_grad_buffer()
     parts.optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=make_forward_step(poison=iteration in _nan_iterations()), data_iterator=run.train_batches,
-        model=[parts.ddp], num_microbatches=run.num_microbatches, seq_length=cfg.model.seq_length,
+        model=parts.ddp, num_microbatches=run.num_microbatches, seq_length=cfg.model.seq_length,
         micro_batch_size=cfg.micro_batch_size, forward_only=False)
     loss = reduce_mean_loss(losses, run.info)
     tracked = tracker.should_log(iteration)
@@ -105,17 +122,21 @@ def evaluate(run: "Run") -> Optional[float]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from disco_megatron.data import micro_batches
+    from disco_megatron.training.setup import data_iterators
 
     cfg, info, ddp = run.cfg, run.info, run.parts.ddp
-    ddp.eval()
-    iterator = micro_batches(run.valid_ds, cfg.micro_batch_size, info.dp_rank, info.dp, 0)
+    for chunk in ddp:
+        chunk.eval()
+    iterator = data_iterators(partial(micro_batches, run.valid_ds, cfg.micro_batch_size, info.dp_rank, info.dp, 0),
+                              len(ddp))
     values = []
     with torch.no_grad():
         for _ in range(cfg.eval_iters):
             losses = get_forward_backward_func()(
-                forward_step_func=make_forward_step(), data_iterator=iterator, model=[ddp],
+                forward_step_func=make_forward_step(), data_iterator=iterator, model=ddp,
                 num_microbatches=run.num_microbatches, seq_length=cfg.model.seq_length,
                 micro_batch_size=cfg.micro_batch_size, forward_only=True)
             values.append(reduce_mean_loss(losses, info))
-    ddp.train()
+    for chunk in ddp:
+        chunk.train()
     return None if values[0] is None else sum(values) / len(values)

@@ -67,7 +67,7 @@ def _train(run: Run, watch: PreemptionWatch, wall_start: float) -> dict:
     timer = StepTimer()
     skipped_in_row = 0
     losses: list[float] = []
-    device = next(run.parts.model.parameters()).device
+    device = next(run.parts.model[0].parameters()).device
     while run.state.iteration < cfg.train_iters and not totals.preempted:
         result = train_step(run)
         timer.steps += 1

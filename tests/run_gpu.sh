@@ -5,7 +5,8 @@
 #       at TP = number of GPUs, at the bf16 Newton-Schulz tolerance (docs/newton_schulz_precision.md);
 #   (b) 30 disco-pretrain steps with --transformer-impl transformer_engine --bf16 --fp8-format hybrid:
 #       loss falls, FP8 active per TE's layer state, fp32 masters moved, weights equal their masters;
-#   (c) throughput of a ~125M model, Scion vs megatron-core Adam: tokens/s, MFU, optimizer step time;
+#   (c) throughput of a ~125M model (DP = the GPUs, --overlap-grad-reduce, TE bf16), Scion vs megatron-core
+#       Adam: tokens/s, MFU, optimizer step time;
 #   (d) all results in one JSON under benchmarks/results/gpu/.
 # Each check has a CPU twin in tests/test_gpu_checks.py.
 #
@@ -77,7 +78,7 @@ if [ "$install" -eq 1 ]; then
 else
   echo "  1. install: skipped (--no-install)"
 fi
-echo "  2. (a) parity at TP $nproc, (b) 30 FP8 training steps at TP $nproc, (c) throughput Scion vs Adam ($steps steps each)"
+echo "  2. (a) parity at TP $nproc, (b) 30 FP8 training steps at TP $nproc, (c) throughput Scion vs Adam at DP $nproc with --overlap-grad-reduce ($steps steps each)"
 echo "     timeout ${TIME_LIMIT_S}s ${checks[*]}"
 echo "  3. (d) results: $out"
 if [ "$dry_run" -eq 1 ]; then

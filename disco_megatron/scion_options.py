@@ -120,7 +120,8 @@ LR_FIELDS: tuple[str, ...] = ("lr_embedding", "lr_hidden", "lr_output")
 GIVEN_ATTR = "scion_flags_given"
 
 # Defaults of a param group of the torch-level optimizers (reference Scion, DistributedScion): the
-# CLI's momentum / update rule, and lr / radius of 1e-3 / 1 where a group names none.
+# CLI's momentum / update rule, and lr / radius of 1e-3 / 1 where a group names none, as the Scion
+# paper's optimizer (LIONS-EPFL/scion examples/modded-nanogpt/train_gpt_scion.py L90: lr=1e-3, scale=1.0).
 GROUP_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3, "momentum": DEFAULTS.momentum, "radius": 1.0, "constrained": DEFAULTS.constrained,
     "weight_decay": DEFAULTS.weight_decay,

@@ -6,7 +6,12 @@ with ``--weight-decay 0.1``) of the same model, data (the embedded corpus), sche
 warmup, cosine decay to ``--min-lr-ratio`` x peak) and token budget, sequentially, each into
 ``OUT/{optimizer}_lr{LR}`` (finished runs are reused: delete a run directory to redo it).
 Validation runs every ``--eval-interval`` steps. The best lr of each optimizer is the one of
-lowest final validation loss. Reported:
+lowest final validation loss (a diverged run counts as worse than any finished one).
+
+The grids bracket their optima by themselves: while an optimizer's best lr is the smallest
+(largest) of its grid, the grid is extended by one lr ``--extend-factor`` times smaller (larger)
+and that run is added, at most ``--max-extensions`` times per optimizer; a best lr still at an
+edge after that is reported loudly (and ``bests_interior`` is false in the JSON). Reported:
 
   * the final validation loss of each optimizer at its best lr;
   * the tokens Scion needs to reach AdamW's final validation loss, by linear interpolation on
@@ -27,7 +32,7 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 from disco_megatron import launcher
@@ -44,10 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convergence.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s [options] [-- extra disco-pretrain flags for every run]")
     floats = launcher.comma_list(float)
-    parser.add_argument("--scion-lrs", type=floats, default=[0.005, 0.01, 0.02, 0.04],
-                        help="Scion peak lrs (default: 0.005,0.01,0.02,0.04)")
-    parser.add_argument("--adam-lrs", type=floats, default=[1e-3, 3e-3, 6e-3, 1e-2],
-                        help="AdamW peak lrs (default: 0.001,0.003,0.006,0.01)")
+    parser.add_argument("--scion-lrs", type=floats, default=[0.01, 0.02, 0.04],
+                        help="initial Scion peak lrs (default: 0.01,0.02,0.04)")
+    parser.add_argument("--adam-lrs", type=floats, default=[2e-3, 4e-3, 8e-3],
+                        help="initial AdamW peak lrs (default: 0.002,0.004,0.008)")
+    parser.add_argument("--extend-factor", type=float, default=2.0,
+                        help="a best lr at a grid edge adds the lr this factor beyond it (default: 2)")
+    parser.add_argument("--max-extensions", type=int, default=4,
+                        help="at most this many added lrs per optimizer (default: 4)")
     parser.add_argument("--adam-weight-decay", type=float, default=0.1, help="AdamW --weight-decay (default: 0.1)")
     parser.add_argument("--hidden-size", type=int, default=128, help="model width (default: 128)")
     parser.add_argument("--num-layers", type=int, default=4, help="layers (default: 4)")
@@ -85,6 +94,10 @@ def validate(args: argparse.Namespace) -> None:
                              "(the ratio needs validation losses)")
     if args.smooth < 1:
         raise BenchmarkError(f"--smooth must be >= 1 (got {args.smooth})")
+    if not args.extend_factor > 1:
+        raise BenchmarkError(f"--extend-factor must be > 1 (got {args.extend_factor})")
+    if args.max_extensions < 0:
+        raise BenchmarkError(f"--max-extensions must be >= 0 (got {args.max_extensions})")
 
 
 def grid(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -112,6 +125,21 @@ def train_args(args: argparse.Namespace, optimizer: str, lr: float, extra: Seque
     return [*(str(x) for x in flags), *schedule, *extra]
 
 
+def next_lr(losses: Mapping[float, float], factor: float) -> Optional[float]:
+    """The lr to add so that the best lr (lowest finite final loss; nan = diverged, worse than any)
+    moves strictly inside the grid: ``factor`` x beyond the edge it sits on; None when it is interior.
+
+    With every run diverged the lowest lr is divided by ``factor`` (smaller lrs diverge less).
+    """
+    grid_lrs = sorted(losses)
+    best = launcher.lowest({lr: losses[lr] for lr in grid_lrs})
+    if best is None or best == grid_lrs[0]:
+        return grid_lrs[0] / factor
+    if best == grid_lrs[-1]:
+        return grid_lrs[-1] * factor
+    return None
+
+
 def tokens_to_reach(curve: Sequence[tuple[float, float]], target: float) -> Optional[float]:
     """Tokens at which a loss curve first gets down to ``target``, linearly interpolated between
     logged points; the first point's tokens when it is already there; None when never."""
@@ -135,32 +163,56 @@ def running_mean(curve: Sequence[tuple[float, float]], window: int) -> list[tupl
     return out
 
 
-def run_all(args: argparse.Namespace, extra: Sequence[str]) -> list[dict]:
-    """Launch (or reuse) every run of the grid; one result dict per run."""
-    runs = []
+def run_one(args: argparse.Namespace, optimizer: str, lr: float, extra: Sequence[str], label: str) -> dict:
+    """Launch (or reuse) one run; its result dict with the final validation loss (nan if diverged)."""
+    run_dir = os.path.join(args.out, run_name(optimizer, lr))
+    result = launcher.run_training(run_dir, train_args(args, optimizer, lr, extra), args.nproc,
+                                   timeout=args.run_timeout, prefix=f"[{run_name(optimizer, lr)}] ")
+    if not result.ok and not launcher.diverged(run_dir):
+        raise BenchmarkError(f"run {run_dir} failed (exit {result.returncode}), not by divergence:\n"
+                             f"{launcher.log_tail(run_dir)}fix the flags, remove {run_dir} and run again")
+    status = "reused" if result.reused else f"{result.seconds:.0f} s"
+    print(f"convergence: {label} {run_name(optimizer, lr)}: {'ok' if result.ok else 'diverged'} ({status})",
+          flush=True)
+    return {"optimizer": optimizer, "lr": lr, "run_dir": run_dir, "returncode": result.returncode,
+            "seconds": result.seconds,
+            "final_valid_loss": launcher.final_valid_loss(run_dir) if result.ok else math.nan}
+
+
+def run_all(args: argparse.Namespace, extra: Sequence[str]) -> tuple[list[dict], dict]:
+    """Launch (or reuse) the initial grid, then extend each optimizer's grid until its best lr is
+    interior (:func:`next_lr`, at most ``--max-extensions`` added lrs); the runs and, per optimizer,
+    the initial lrs, the added lrs and whether its best ended interior."""
     points = grid(args)
-    for index, (optimizer, lr) in enumerate(points, start=1):
-        run_dir = os.path.join(args.out, run_name(optimizer, lr))
-        result = launcher.run_training(run_dir, train_args(args, optimizer, lr, extra), args.nproc,
-                                       timeout=args.run_timeout, prefix=f"[{run_name(optimizer, lr)}] ")
-        if not result.ok and not launcher.diverged(run_dir):
-            raise BenchmarkError(f"run {run_dir} failed (exit {result.returncode}), not by divergence:\n"
-                                 f"{launcher.log_tail(run_dir)}fix the flags, remove {run_dir} and run again")
-        status = "reused" if result.reused else f"{result.seconds:.0f} s"
-        print(f"convergence: {index}/{len(points)} {run_name(optimizer, lr)}: "
-              f"{'ok' if result.ok else 'diverged'} ({status})", flush=True)
-        runs.append({"optimizer": optimizer, "lr": lr, "run_dir": run_dir, "returncode": result.returncode,
-                     "seconds": result.seconds})
-    return runs
+    runs = [run_one(args, optimizer, lr, extra, f"{i}/{len(points)}") for i, (optimizer, lr) in
+            enumerate(points, start=1)]
+    bracketing = {}
+    for optimizer in OPTIMIZERS:
+        added = []
+        while True:
+            lr = next_lr({r["lr"]: r["final_valid_loss"] for r in runs if r["optimizer"] == optimizer},
+                         args.extend_factor)
+            if lr is None or len(added) == args.max_extensions:
+                break
+            print(f"convergence: {optimizer}'s best lr is at the edge of its grid: adding lr {lr:g}", flush=True)
+            runs.append(run_one(args, optimizer, lr, extra, f"extension {len(added) + 1}/{args.max_extensions}"))
+            added.append(lr)
+        if lr is not None:
+            print(f"convergence: WARNING: {optimizer}'s best lr is STILL AT THE EDGE of its grid after "
+                  f"--max-extensions {args.max_extensions} added lrs ({', '.join(f'{a:g}' for a in added)}); "
+                  f"its optimum is not bracketed: widen --{optimizer}-lrs or raise --max-extensions", flush=True)
+        initial = getattr(args, f"{optimizer}_lrs")
+        bracketing[optimizer] = {"initial_lrs": list(initial), "added_lrs": added, "best_interior": lr is None}
+    return runs, bracketing
 
 
-def summarize(args: argparse.Namespace, runs: list[dict]) -> dict:
-    """Best lr per optimizer, final losses, and the tokens ratio (valid and train curves)."""
+def summarize(args: argparse.Namespace, runs: list[dict], bracketing: dict) -> dict:
+    """Best lr per optimizer, final losses, how the grids were bracketed, and the tokens ratio
+    (valid and train curves)."""
     for run in runs:
         ok = run["returncode"] == 0
         run["valid_curve"] = launcher.valid_curve(run["run_dir"]) if ok else []
         run["train_curve"] = launcher.train_curve(run["run_dir"]) if ok else []
-        run["final_valid_loss"] = run["valid_curve"][-1][1] if run["valid_curve"] else math.nan
         run["final_train_loss"] = run["train_curve"][-1][1] if run["train_curve"] else math.nan
     best = {}
     for optimizer in OPTIMIZERS:
@@ -181,6 +233,8 @@ def summarize(args: argparse.Namespace, runs: list[dict]) -> dict:
         "setup": {k: v for k, v in vars(args).items() if k not in ("dry_run",)},
         "tokens_per_run": adam_tokens,
         "runs": [_finite_or_none(r) for r in runs],
+        "bracketing": bracketing,
+        "bests_interior": all(b["best_interior"] for b in bracketing.values()),
         "best": {o: {"lr": best[o]["lr"], "final_valid_loss": best[o]["final_valid_loss"],
                      "final_train_loss": best[o]["final_train_loss"]} for o in OPTIMIZERS},
         "valid": {"target_loss": target, "scion_tokens_to_target": reach, "adam_tokens": adam_tokens,
@@ -265,13 +319,19 @@ def table(summary: dict) -> str:
         return "diverged" if value is None else f"{value:.4f}"
 
     lines = ["| optimizer | lr | final valid loss | final train loss | wall s |", "|---|---|---|---|---|"]
-    for r in summary["runs"]:
+    for r in sorted(summary["runs"], key=lambda r: (OPTIMIZERS.index(r["optimizer"]), r["lr"])):
         mark = " (best)" if summary["best"][r["optimizer"]]["lr"] == r["lr"] else ""
         lines.append(f"| {r['optimizer']}{mark} | {r['lr']:g} | {fmt(r['final_valid_loss'])} | "
                      f"{fmt(r['final_train_loss'])} | {r['seconds']:.0f} |")
     valid, train = summary["valid"], summary["train"]
     reach = valid["scion_tokens_to_target"]
-    lines += ["", f"tokens per run: {summary['tokens_per_run']}",
+    lines.append("")
+    for optimizer, b in summary["bracketing"].items():
+        added = ", ".join(f"{lr:g}" for lr in b["added_lrs"]) or "none"
+        lines.append(f"{optimizer}: best lr {summary['best'][optimizer]['lr']:g} "
+                     f"{'strictly inside' if b['best_interior'] else 'AT THE EDGE of'} its grid; lrs added: {added}")
+    lines += [f"both best lrs interior: {'yes' if summary['bests_interior'] else 'NO'}",
+              f"tokens per run: {summary['tokens_per_run']}",
               f"AdamW final valid loss (target): {valid['target_loss']:.4f}; "
               f"Scion final valid loss: {summary['best']['scion']['final_valid_loss']:.4f}",
               "Scion tokens to the target (valid curve): "
@@ -288,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         validate(args)
         if args.dry_run:
+            print("# the initial grid; lrs are added after it while a best lr is at a grid edge")
             for optimizer, lr in grid(args):
                 run_dir = os.path.join(args.out, run_name(optimizer, lr))
                 command = launcher.torchrun_command(
@@ -295,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("OMP_NUM_THREADS=1 " + shlex.join(command))
             return 0
         os.makedirs(args.out, exist_ok=True)
-        summary = summarize(args, run_all(args, extra))
+        summary = summarize(args, *run_all(args, extra))
         for path in (args.results, args.plot):
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)

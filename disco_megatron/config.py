@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Sequence
 
@@ -521,7 +522,8 @@ def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
             shown = ", ".join(a for a in allowed if a is not None)
             raise ConfigError(f"{flag} {values.get(key)}: choose one of {shown}")
     model = ModelConfig(**{k[6:]: v for k, v in values.items() if k.startswith("model.")})
-    scion = ScionFlags(**{k[6:]: v for k, v in values.items() if k.startswith("scion.")})
+    lr_given = scion_options.flag_given(sys.argv[1:] if argv is None else argv, "--lr")
+    scion = scion_options.flags_from_values(values, "scion.", lr_given)
     run_values = {k: v for k, v in values.items() if "." not in k and k in RunConfig.__dataclass_fields__}
     cfg = RunConfig(model=model, scion=scion, **run_values)
     if cfg.run_dir:

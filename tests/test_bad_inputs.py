@@ -90,6 +90,7 @@ PARSE_CASES = {
     "unknown_optimizer": lambda t, d: (["--optimizer", "sgd"], ["--optimizer sgd", "scion, adam"]),
     "unknown_tp_mode": lambda t, d: (["--scion-tp-mode", "gather"], ["--scion-tp-mode gather", "owner"]),
     "unknown_output_lmo": lambda t, d: (["--scion-output-lmo", "spectral"], ["--scion-output-lmo spectral", "rownorm"]),
+    "unknown_preset": lambda t, d: (["--scion-preset", "titan"], ["--scion-preset titan", "disco"]),
     "unknown_flag": lambda t, d: (["--no-such-flag", "3"], ["--no-such-flag", "--help"]),
     "negative_lr": lambda t, d: (["--lr", "-0.1"], ["--lr", "-0.1"]),
     "nan_lr": lambda t, d: (["--lr", "nan"], ["--lr", "nan"]),

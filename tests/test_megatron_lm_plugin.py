@@ -102,6 +102,13 @@ def test_scion_config_from_megatron_lm_args() -> None:
     assert (config.group_radius("hidden"), config.scion_momentum, config.scion_qkv_split) == (2.0, 0.3, "head")
     assert config.bf16 and config.params_dtype == torch.bfloat16 and config.clip_grad == 1.0  # Megatron-LM's default
     assert config.scion_dp_mode == "replicated" and not config.use_distributed_optimizer
+    # --scion-preset disco (rakkit/disco's example: radius 1 in every group, momentum 0.1); Megatron-LM's
+    # --lr, given, sets every group's lr; a Scion flag given with the preset overrides it.
+    preset = scion_config_from_args(parser.parse_args(["--optimizer", "scion", "--lr", "0.03", "--scion-preset",
+                                                       "disco", "--scion-radius-output", "4"]))
+    assert [preset.group_lr(g) for g in ("embedding", "hidden", "output", "gains")] == [0.03] * 4
+    assert [preset.group_radius(g) for g in ("embedding", "hidden", "output", "gains")] == [1.0, 1.0, 4.0, 1.0]
+    assert (preset.scion_momentum, preset.weight_decay, preset.scion_constrained) == (0.1, 0.0, False)
     with pytest.raises(ValueError, match="--fp16"):
         scion_config_from_args(parser.parse_args(["--optimizer", "scion", "--lr", "0.1", "--fp16"]))
     with pytest.raises(ValueError, match="--clip-grad"):

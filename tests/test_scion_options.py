@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from disco_megatron import scion_options
 from disco_megatron.scion_options import CHOICES, DEFAULTS, SCION_FLAGS, ScionFlags, ns_dtype_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DEFAULTS_DOC = README.parent / "docs" / "defaults.md"
 
 
 def test_every_field_has_one_flag_and_the_defaults_are_valid() -> None:
@@ -21,8 +23,10 @@ def test_every_field_has_one_flag_and_the_defaults_are_valid() -> None:
     assert list(SCION_FLAGS) == fields
     assert [flag for flag, _, _ in SCION_FLAGS.values()] == ["--scion-" + f.replace("_", "-") for f in fields]
     assert set(CHOICES) <= set(fields)
-    assert all(getattr(DEFAULTS, name) in allowed for name, allowed in CHOICES.items() if name != "ns_dtype")
+    assert all(getattr(DEFAULTS, name) in allowed for name, allowed in CHOICES.items()
+               if name not in ("ns_dtype", "preset"))
     assert DEFAULTS.ns_dtype is None  # by device: bf16 on CUDA, fp32 on CPU
+    assert DEFAULTS.preset is None
     assert (ns_dtype_for(None, "cuda"), ns_dtype_for(None, "cpu"), ns_dtype_for("fp32", "cuda")) == \
         ("bf16", "fp32", "fp32")
     scion_options.validate(DEFAULTS)
@@ -52,7 +56,8 @@ BAD = [("momentum", 0.0, "(0, 1]"), ("momentum", 1.5, "(0, 1]"), ("ns_steps", 0,
        ("radius_output", float("nan"), "finite number >= 0"), ("lr_embedding", -0.1, "finite number >= 0"),
        ("weight_decay", -1.0, ">= 0"), ("tp_mode", "gather", "owner, duplicated, local"),
        ("qkv_split", "rows", "fused, qkv, head"), ("output_lmo", "spectral", "rownorm, sign"),
-       ("ns_backend", "qr", "ns5, polar_express, svd"), ("dp_mode", "zero", "replicated, sharded")]
+       ("ns_backend", "qr", "ns5, polar_express, svd"), ("dp_mode", "zero", "replicated, sharded"),
+       ("preset", "titan", "disco")]
 
 
 @pytest.mark.parametrize("name,value,fix", BAD, ids=[f"{n}={v}" for n, v, _ in BAD])
@@ -85,7 +90,7 @@ def _as_in_readme(name: str, default: object) -> str:
     if name == "ns_dtype":
         return scion_options.NS_DTYPE_DEFAULT_TEXT
     if default is None:
-        return "`--lr`"
+        return "`--lr`" if name.startswith("lr_") else "none"
     if isinstance(default, bool):
         return "on" if default else "off"
     return f"{default:g}" if isinstance(default, (int, float)) else str(default)
@@ -98,3 +103,85 @@ def test_readme_flag_table_matches_the_options() -> None:
         shown, choices = rows[flag]
         assert shown == _as_in_readme(name, getattr(DEFAULTS, name)), flag
         assert choices == (list(CHOICES[name]) if name in CHOICES else None), flag
+
+
+# rakkit/disco@d18ea04 example.py L50-76, read by hand: lr 1e-2 in every group, momentum 0.1, weight decay 0
+# (unconstrained), newtonschulz5 x 5, norm factors spectral / embed_sqrt / unembed_sqrt at scale 1.
+DISCO_EXAMPLE = dict(lr_embedding=0.01, lr_hidden=0.01, lr_output=0.01, momentum=0.1, radius_embedding=1.0,
+                     radius_hidden=1.0, radius_output=1.0, constrained=False, weight_decay=0.0, ns_backend="ns5",
+                     ns_steps=5, qkv_split="qkv", output_lmo="rownorm")
+
+
+def _cli(argv: list[str]) -> ScionFlags:
+    from disco_megatron.config import parse_run_config
+
+    return parse_run_config(argv).scion
+
+
+def _plugin(argv: list[str]) -> ScionFlags:
+    parser = argparse.ArgumentParser()
+    scion_options.add_scion_arguments(parser, "scion_", argparse_choices=True)
+    parser.add_argument("--lr", type=float, default=None)  # Megatron-LM's: None unless given
+    values = vars(parser.parse_args(argv))
+    return scion_options.flags_from_values(values, "scion_", lr_given=values["lr"] is not None)
+
+
+@pytest.mark.parametrize("parse", [_cli, _plugin], ids=["disco-pretrain", "plugin"])
+def test_disco_preset_is_the_reference_example(parse) -> None:
+    assert parse(["--scion-preset", "disco"]) == dataclasses.replace(DEFAULTS, **DISCO_EXAMPLE,
+                                                                     preset="disco")
+    assert parse([]) == DEFAULTS  # no preset: the defaults, untouched
+
+
+@pytest.mark.parametrize("parse", [_cli, _plugin], ids=["disco-pretrain", "plugin"])
+@pytest.mark.parametrize("order", ["preset first", "preset last"])
+def test_flags_given_on_the_command_line_override_the_preset(parse, order) -> None:
+    given = ["--scion-momentum", "0.5", "--scion-radius-output=7", "--scion-lr-output", "0.3", "--scion-constrained",
+             "--scion-radius-hidden", str(DEFAULTS.radius_hidden)]  # equal to the default, still given
+    argv = ["--scion-preset", "disco", *given] if order == "preset first" else [*given, "--scion-preset", "disco"]
+    expected = {**DISCO_EXAMPLE, "momentum": 0.5, "radius_output": 7.0, "lr_output": 0.3, "constrained": True,
+                "radius_hidden": DEFAULTS.radius_hidden}
+    assert parse(argv) == dataclasses.replace(DEFAULTS, **expected, preset="disco")
+
+
+@pytest.mark.parametrize("parse", [_cli, _plugin], ids=["disco-pretrain", "plugin"])
+def test_an_explicit_lr_replaces_the_presets_group_lrs(parse) -> None:
+    flags = parse(["--scion-preset", "disco", "--lr", "0.03", "--scion-lr-embedding", "0.2"])
+    assert (flags.lr_embedding, flags.lr_hidden, flags.lr_output) == (0.2, None, None)  # None: follow --lr
+    assert flags.radius_hidden == DISCO_EXAMPLE["radius_hidden"]
+
+
+def test_preset_is_recorded_in_run_config_and_replayed_as_resolved(tmp_path: Path) -> None:
+    from disco_megatron.config import RunConfig, parse_run_config
+
+    cfg = parse_run_config(["--scion-preset", "disco", "--scion-momentum", "0.5"])
+    recorded = json.loads(json.dumps(cfg.to_dict()))
+    assert recorded["scion"]["preset"] == "disco" and recorded["scion"]["momentum"] == 0.5
+    assert recorded["scion"]["radius_output"] == DISCO_EXAMPLE["radius_output"]
+    assert RunConfig.from_dict(recorded).scion == cfg.scion
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(recorded))
+    # Replaying keeps the recorded (resolved) values, momentum 0.5 included; a flag given again wins.
+    assert parse_run_config(["--config", str(path)]).scion == cfg.scion
+    assert parse_run_config(["--config", str(path), "--scion-radius-hidden", "2"]).scion == \
+        dataclasses.replace(cfg.scion, radius_hidden=2.0)
+    # The preset given again applies over the recorded values, except the flags given with it.
+    assert parse_run_config(["--config", str(path), "--scion-preset", "disco"]).scion == \
+        dataclasses.replace(cfg.scion, momentum=DISCO_EXAMPLE["momentum"])
+
+
+def test_help_lists_each_presets_values_and_source() -> None:
+    from disco_megatron.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for name, preset in scion_options.PRESETS.items():
+        assert f"{name} = " in text and " ".join(preset.source.split()) in text
+    assert "radius_output 1, constrained False" in text and "lr_hidden 0.01" in text
+
+
+def test_defaults_doc_holds_every_default_with_its_source() -> None:
+    assert set(scion_options.SOURCES) == set(SCION_FLAGS) | {"clip_grad"}
+    table = scion_options.defaults_table()
+    assert table in DEFAULTS_DOC.read_text(), "regenerate the table in docs/defaults.md from defaults_table()"
+    for name, (flag, _, _) in SCION_FLAGS.items():
+        assert f"| `{flag}` | {scion_options._default_text(name, getattr(DEFAULTS, name))} |" in table

@@ -156,14 +156,29 @@ def test_running_mean_is_trailing():
     assert convergence.running_mean([(1, 3.0), (2, 5.0), (3, 1.0)], 2) == [(1, 3.0), (2, 4.0), (3, 3.0)]
 
 
-def test_convergence_picks_best_lrs_and_ratio_without_launching(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "runs"
-    argv = ["--scion-lrs", "0.01,0.02", "--adam-lrs", "0.001,0.003", "--train-iters", "10", "--eval-interval", "2",
-            "--log-interval", "1", "--seq-length", "8", "--global-batch-size", "4", "--out", str(out),
-            "--results", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]
-    args = convergence.build_parser().parse_args(argv)
-    # Validation every 2 steps (5 evals) falling linearly from 6.0 to `end`; per optimizer the lower end wins.
-    ends = {("scion", 0.01): 4.0, ("scion", 0.02): 3.0, ("adam", 0.001): 4.5, ("adam", 0.003): None}
+NAN = math.nan
+
+
+@pytest.mark.parametrize("losses, expected", [
+    ({0.01: 4.0, 0.02: 3.9, 0.04: 4.2}, None),            # interior
+    ({0.04: 4.2, 0.01: 4.0, 0.02: 3.9}, None),            # any order
+    ({0.01: 4.0, 0.02: 3.8}, 0.04),                       # best at the top: x2
+    ({0.01: 3.0, 0.02: 3.8, 0.04: 4.0}, 0.005),           # best at the bottom: /2
+    ({0.01: 4.0, 0.02: NAN}, 0.005),                      # a diverged larger lr: the best is the smallest
+    ({0.005: 4.1, 0.01: 4.0, 0.02: NAN}, None),           # diverged counts as worse: interior
+    ({0.01: NAN, 0.02: NAN}, 0.005),                      # all diverged: go lower
+    ({0.01: 4.0}, 0.005),                                 # one point is its own edge
+])
+def test_next_lr_extends_the_grid_beyond_the_edge_holding_the_best(losses, expected):
+    assert convergence.next_lr(losses, 2.0) == expected
+
+
+def test_next_lr_uses_the_factor():
+    assert convergence.next_lr({0.01: 4.0, 0.03: 3.0}, 3.0) == pytest.approx(0.09)
+
+
+def _fake_convergence_runs(out: Path, args, ends: dict) -> None:
+    """Finished runs (validation every 2 steps falling linearly from 6.0 to ``end``; None = diverged)."""
     for (optimizer, lr), end in ends.items():
         run_dir = out / convergence.run_name(optimizer, lr)
         valid = [] if end is None else [(2 * k, 6.0 - (6.0 - end) * k / 5) for k in range(1, 6)]
@@ -171,9 +186,30 @@ def test_convergence_picks_best_lrs_and_ratio_without_launching(tmp_path, monkey
         config = {"global_batch_size": 4, "model": {"seq_length": 8}}
         _fake_run(run_dir, launcher.run_args(convergence.train_args(args, optimizer, lr, []), str(run_dir)), 2,
                   1 if end is None else 0, config, train, valid, [], log="non-finite" if end is None else "")
+
+
+def _convergence_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--scion-lrs", "0.01,0.02", "--adam-lrs", "0.001,0.003", "--train-iters", "10", "--eval-interval", "2",
+            "--log-interval", "1", "--seq-length", "8", "--global-batch-size", "4", "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png"), *extra]
+
+
+def test_convergence_brackets_both_bests_then_picks_them_and_the_ratio(tmp_path, monkeypatch, capsys):
+    argv = _convergence_argv(tmp_path)
+    args = convergence.build_parser().parse_args(argv)
+    # Initial grids: Scion's best (0.02) at the top edge, AdamW's (0.001; 0.003 diverged) at the bottom.
+    # The added lrs (0.04, 0.0005) are worse, so both bests end strictly inside their grids.
+    _fake_convergence_runs(tmp_path / "runs", args, {
+        ("scion", 0.01): 4.0, ("scion", 0.02): 3.0, ("scion", 0.04): 3.5,
+        ("adam", 0.001): 4.5, ("adam", 0.003): None, ("adam", 0.0005): 4.8})
     monkeypatch.setattr(launcher.subprocess, "Popen", _no_launch)
     assert convergence.main(argv) == 0
     result = json.loads((tmp_path / "c.json").read_text())
+    assert result["bracketing"] == {
+        "scion": {"initial_lrs": [0.01, 0.02], "added_lrs": [0.04], "best_interior": True},
+        "adam": {"initial_lrs": [0.001, 0.003], "added_lrs": [0.0005], "best_interior": True}}
+    assert result["bests_interior"] is True
+    assert sorted(r["lr"] for r in result["runs"]) == [0.0005, 0.001, 0.003, 0.01, 0.02, 0.04]
     assert result["best"]["scion"]["lr"] == 0.02 and result["best"]["adam"]["lr"] == 0.001
     # Scion (6 -> 3 over 320 tokens, evals every 64 tokens) reaches 4.5 at 6 - 3 t/320 = 4.5 -> t = 160.
     assert result["valid"]["target_loss"] == 4.5
@@ -185,7 +221,26 @@ def test_convergence_picks_best_lrs_and_ratio_without_launching(tmp_path, monkey
     assert result["train"]["target_loss"] == pytest.approx(4.65)
     assert result["train"]["token_ratio"] == pytest.approx(176 / 320)
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
-    assert "0.500x AdamW's" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0.500x AdamW's" in out and "adding lr 0.04" in out and "adding lr 0.0005" in out
+    assert "scion: best lr 0.02 strictly inside its grid; lrs added: 0.04" in out
+    assert "both best lrs interior: yes" in out
+
+
+def test_convergence_says_loudly_when_the_cap_leaves_a_best_at_the_edge(tmp_path, monkeypatch, capsys):
+    argv = _convergence_argv(tmp_path, "--max-extensions", "1")
+    args = convergence.build_parser().parse_args(argv)
+    # Scion keeps improving with lr: after its one allowed extension (0.04) the best is still the edge.
+    _fake_convergence_runs(tmp_path / "runs", args, {
+        ("scion", 0.01): 4.0, ("scion", 0.02): 3.0, ("scion", 0.04): 2.5,
+        ("adam", 0.001): 4.6, ("adam", 0.003): 4.5, ("adam", 0.006): 4.7})
+    monkeypatch.setattr(launcher.subprocess, "Popen", _no_launch)
+    assert convergence.main(argv) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["bracketing"]["scion"] == {"initial_lrs": [0.01, 0.02], "added_lrs": [0.04], "best_interior": False}
+    assert result["bracketing"]["adam"]["best_interior"] is True and result["bests_interior"] is False
+    out = capsys.readouterr().out
+    assert "WARNING: scion's best lr is STILL AT THE EDGE" in out and "both best lrs interior: NO" in out
 
 
 def test_real_tiny_sweep_writes_tables_and_plots_then_reuses(tmp_path, capsys):

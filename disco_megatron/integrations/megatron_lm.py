@@ -138,11 +138,12 @@ def _get_megatron_optimizer_config(original: Callable) -> Callable:
     def get_megatron_optimizer_config(args):
         if args.optimizer != SCION:
             return original(args)
-        # The scheduler sets each group's weight_decay from start/end_weight_decay every step.
-        args.weight_decay = args.start_weight_decay = args.end_weight_decay = args.scion_weight_decay
         from disco_megatron.optim.config import scion_config_from_args
 
-        return scion_config_from_args(args), None
+        config = scion_config_from_args(args)  # --scion-preset resolved
+        # The scheduler sets each group's weight_decay from start/end_weight_decay every step.
+        args.weight_decay = args.start_weight_decay = args.end_weight_decay = config.weight_decay
+        return config, None
 
     return get_megatron_optimizer_config
 

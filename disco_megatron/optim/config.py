@@ -24,7 +24,7 @@ import torch
 from megatron.core.optimizer.optimizer_config import OptimizerConfig
 
 from disco_megatron import scion_options
-from disco_megatron.scion_options import CLIP_GRAD_DEFAULT, DEFAULTS, SCION_FLAGS, ScionFlags, dp_mode_for
+from disco_megatron.scion_options import CLIP_GRAD_DEFAULT, DEFAULTS, ScionFlags, dp_mode_for
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def scion_config_from_args(args: argparse.Namespace) -> ScionConfig:
     rebuild it from a saved run's ``args``. ``--use-distributed-optimizer`` selects Scion's
     DP-sharded mode; ``--clip-grad`` clips before the momentum update, as megatron-core clips.
     """
-    flags = ScionFlags(**{name: getattr(args, "scion_" + name) for name in SCION_FLAGS})
+    flags = scion_options.flags_from_values(vars(args), "scion_", lr_given=args.lr is not None)
     flags.dp_mode = dp_mode_for(flags.dp_mode, getattr(args, "use_distributed_optimizer", False))
     config = scion_config_from_flags(flags, args.lr, args.min_lr or 0.0, bf16=args.bf16,
                                      clip_grad=getattr(args, "clip_grad", 0.0) or 0.0)

@@ -6,9 +6,12 @@ so ``OptimizerParamScheduler`` drives the four lr groups (embedding, hidden, out
 and ``sharded_state_dict`` saves the momentum with its parameter's sharded metadata so
 ``dist_checkpointing`` reshards it into any TP/PP/DP layout.
 
-Grads come from megatron DDP's ``param.main_grad`` (else ``param.grad``). Params that are not
-fp32 (``--bf16``) get an fp32 master copy that the optimizer steps; the model param is
-refreshed from it after each step (``reload_model_params`` goes the other way).
+Grads come from megatron DDP's ``param.main_grad`` (else ``param.grad``). In replicated DP mode,
+params that are not fp32 (``--bf16``) get an fp32 master copy on every rank that the optimizer
+steps; the model param is refreshed from it after each step (``reload_model_params`` goes the
+other way). In sharded DP mode the optimizer steps the model params themselves: the owner of
+each logical matrix keeps its fp32 master and momentum and sends every rank its new piece
+(``reload_model_params``: the owners re-gather their masters from the model params).
 """
 from __future__ import annotations
 
@@ -72,7 +75,10 @@ class ScionOptimizer(MegatronOptimizer):
                 layout = _layout_for(name, param, model_cfg, config, tp_size, tp_rank)
                 if len(model_chunks) > 1:
                     layout = _with_chunk_keys(layout, index)
-                keep = param.dtype == torch.float32 and not is_quantized(param)
+                if config.scion_dp_mode == "sharded" and is_quantized(param):
+                    raise ValueError(f"{name}: FP8 parameters keep their master on every rank; use "
+                                     "--scion-dp-mode replicated (no --use-distributed-optimizer) with FP8")
+                keep = config.scion_dp_mode == "sharded" or (param.dtype == torch.float32 and not is_quantized(param))
                 main = param if keep else self._master_of(param)
                 layouts[main] = layout
                 norm_mask[main] = param_is_not_shared(param) and \
@@ -94,6 +100,7 @@ class ScionOptimizer(MegatronOptimizer):
         self.grad_stats_parallel_group = groups.world
         self._scale_one = torch.ones(1, device=inner.device)  # megatron reads it where the grads are
         self._last_step: Optional[StepResult] = None
+        self._grads: list[Optional[torch.Tensor]] = []
 
     @staticmethod
     def _master_of(param: torch.nn.Parameter) -> torch.Tensor:
@@ -135,20 +142,25 @@ class ScionOptimizer(MegatronOptimizer):
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
-        """Hand megatron's main_grad (else .grad) to the fp32 params. Returns False (no inf found
-        yet): the Scion step checks finiteness itself, with its grad norm, in one all-reduce."""
+        """Collect megatron's main_grad (else .grad) for the step, as the fp32 params' ``.grad``
+        where their dtypes allow. Returns False (no inf found yet): the Scion step checks
+        finiteness itself, with its grad norm, in one all-reduce."""
+        self._grads = []
         for param, main in self._pairs():
             grad = getattr(param, "main_grad", None)
             grad = param.grad if grad is None else grad
-            main.grad = grad if grad is None or main is param else grad.float()
+            grad = grad if grad is None or main is param else grad.float()
+            if grad is None or grad.dtype == main.dtype:
+                main.grad = grad
+            self._grads.append(grad)
         return False
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
         """The one Scion step (check grads -> momentum -> exchange -> update), then the model
         params refreshed from the fp32 ones; False if it was skipped."""
-        self._last_step = self.optimizer.step()
-        if self._last_step.stepped:
+        self._last_step = self.optimizer.step(self._grads or None)
+        if self._last_step.stepped and not self.optimizer.sharded:
             self._copy_main_to_model()
         return self._last_step.stepped
 
@@ -161,12 +173,16 @@ class ScionOptimizer(MegatronOptimizer):
 
     @torch.no_grad()
     def _copy_main_to_model(self) -> None:
+        if self.optimizer.sharded:
+            self.optimizer.write_masters_to_params()
         for param, main in self._pairs():
             if main is not param:
                 param.copy_(main)
 
     @torch.no_grad()
     def reload_model_params(self, state_dict: Optional[dict] = None) -> None:
+        if self.optimizer.sharded:
+            self.optimizer.gather_masters()
         for param, main in self._pairs():
             if main is not param:
                 main.copy_(param)

@@ -28,7 +28,7 @@ bucket in named stages. ``tp_mode``:
 parameter; megatron DDP already all-reduced the grads, so replicas compute the same) or
 ``sharded`` (needs ``tp_mode=owner``): every logical matrix of the stage has one owner among its
 TP×DP ranks, which alone holds the matrix's fp32 momentum and fp32 master (8 bytes per
-parameter over TP·DP ranks, whatever the model dtype). A step: check grads -> per bucket,
+parameter over TP·DP ranks, whatever the model dtypes). A step: check grads -> per bucket,
 :meth:`~DistributedDualizer.gather_to_owners` on the GRADIENT pieces (from the owner replica's
 TP ranks) -> the owner updates momentum, dualizes and steps its master -> one ``all_to_all``
 over TP×DP sends every rank its piece of the new parameter in the model's dtype. Vocab rows
@@ -40,8 +40,9 @@ Pipeline stages plan only their own parameters: no cross-stage communication.
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -115,13 +116,13 @@ def _common_device(params: Sequence[Tensor]) -> torch.device:
     return devices.pop()
 
 
-def _piece(tensor: Tensor, matrix: LogicalMatrix) -> Tensor:
+def piece_of(tensor: Tensor, matrix: LogicalMatrix) -> Tensor:
     """This rank's piece of ``matrix``: its local row ranges of ``tensor``, concatenated."""
     parts = [tensor[a:b] for a, b in matrix.local_rows]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _write_piece(tensor: Tensor, matrix: LogicalMatrix, piece: Tensor, start: int = 0) -> None:
+def write_piece(tensor: Tensor, matrix: LogicalMatrix, piece: Tensor, start: int = 0) -> None:
     """Write ``piece`` as rows [start, start + len(piece)) of this rank's piece of ``matrix``."""
     offset, stop = 0, start + piece.shape[0]
     for a, b in matrix.local_rows:
@@ -218,9 +219,9 @@ class DistributedDualizer:
 
     def dualize_in_place(self, group: InPlace, momenta: Sequence[Tensor], directions: list[Tensor]) -> None:
         """Matrices whose piece is all their LMO needs: no communication."""
-        results = self.dualize(group.lmo, [_piece(momenta[e.param], e.matrix) for e in group.entries])
+        results = self.dualize(group.lmo, [piece_of(momenta[e.param], e.matrix) for e in group.entries])
         for entry, result in zip(group.entries, results):
-            _write_piece(directions[entry.param], entry.matrix, result)
+            write_piece(directions[entry.param], entry.matrix, result)
 
     def gather_to_owners(self, bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Storage -> compute layout: the whole matrices this rank owns, in bucket order.
@@ -230,7 +231,7 @@ class DistributedDualizer:
         are whole on every TP rank.
         """
         if bucket.split == 1:
-            return [_piece(tensors[e.param], e.matrix) for e in self.owned_entries(bucket)]
+            return [piece_of(tensors[e.param], e.matrix) for e in self.owned_entries(bucket)]
         t, me, slots = bucket.split, self._me, self._slot_coords
         piece_shape = bucket.piece_shape
         numel = math.prod(piece_shape)
@@ -238,30 +239,30 @@ class DistributedDualizer:
         sends: list[list[Tensor]] = [[] for _ in slots]
         for entry, owner in zip(bucket.entries, bucket.owners):
             if slots[owner][1] == my_dp:
-                sends[owner].append(_piece(tensors[entry.param], entry.matrix).reshape(-1))
+                sends[owner].append(piece_of(tensors[entry.param], entry.matrix).reshape(-1))
         owned = bucket.owners.count(me)
         peers = [s for s, (_, dp) in enumerate(slots) if dp == my_dp]
-        received = self._all_to_all(sends, [owned * numel if s in peers else 0 for s in range(len(slots))],
-                                    tensors[bucket.entries[0].param].dtype)
+        dtype = functools.reduce(torch.promote_types, {tensors[e.param].dtype for e in bucket.entries})
+        received = self._all_to_all(sends, [owned * numel if s in peers else 0 for s in range(len(slots))], dtype)
         pieces_by_tp = {slots[s][0]: received[s].view(owned, *piece_shape) for s in peers}
         return [torch.cat([pieces_by_tp[r][j] for r in range(t)], dim=bucket.concat_dim) for j in range(owned)]
 
     def scatter_to_shards(self, bucket: Bucket, results: list[Tensor], targets: Sequence[Tensor]) -> None:
         """Compute -> storage layout: each owner sends every rank of the exchange group its piece
         of each result (one ``all_to_all``), written into that rank's ``targets`` (directions,
-        or in sharded mode the parameters; in the targets' dtype)."""
+        or in sharded mode the parameters; in the targets' dtype, promoted over the bucket)."""
         slots = self._slot_coords
         piece_shape = bucket.piece_shape
         numel = math.prod(piece_shape)
         chunks = [r.chunk(bucket.split, dim=bucket.concat_dim) for r in results]
         sends = [[c[tp % bucket.split].reshape(-1) for c in chunks] for tp, _ in slots]
-        received = self._all_to_all(sends, [bucket.owners.count(s) * numel for s in range(len(slots))],
-                                    targets[bucket.entries[0].param].dtype)
+        dtype = functools.reduce(torch.promote_types, {targets[e.param].dtype for e in bucket.entries})
+        received = self._all_to_all(sends, [bucket.owners.count(s) * numel for s in range(len(slots))], dtype)
         taken = [0] * len(slots)
         for entry, owner in zip(bucket.entries, bucket.owners):
             piece = received[owner][taken[owner] * numel:(taken[owner] + 1) * numel]
             taken[owner] += 1
-            _write_piece(targets[entry.param], entry.matrix, piece.view(piece_shape))
+            write_piece(targets[entry.param], entry.matrix, piece.view(piece_shape))
 
     def share_row_blocks(self, blocks: RowBlocks, mine: Tensor | None, targets: Sequence[Tensor]) -> None:
         """Sharded mode: the owners of a row-blocked matrix's piece send each other their block
@@ -277,12 +278,12 @@ class DistributedDualizer:
             counts[owner] = (bounds[j + 1] - bounds[j]) * row_numel
         received = self._all_to_all(sends, counts, target.dtype)
         for j, owner in enumerate(blocks.owners):
-            _write_piece(target, entry.matrix, received[owner].view(-1, *entry.matrix.shape[1:]), bounds[j])
+            write_piece(target, entry.matrix, received[owner].view(-1, *entry.matrix.shape[1:]), bounds[j])
 
     def all_gather_wholes(self, bucket: Bucket, momenta: Sequence[Tensor]) -> list[Tensor]:
         """Storage -> compute layout on every TP rank: every whole matrix of the bucket (one ``all_gather``)."""
         piece_shape = bucket.piece_shape
-        mine = torch.cat([_piece(momenta[e.param], e.matrix).reshape(-1) for e in bucket.entries])
+        mine = torch.cat([piece_of(momenta[e.param], e.matrix).reshape(-1) for e in bucket.entries])
         gathered = [g.view(len(bucket.entries), *piece_shape)
                     for g in comm.all_gather(self.counter, mine, self.groups.tp)]
         return [torch.cat([g[j] for g in gathered], dim=bucket.concat_dim) for j in range(len(bucket.entries))]
@@ -290,7 +291,7 @@ class DistributedDualizer:
     def keep_own_pieces(self, bucket: Bucket, results: list[Tensor], directions: list[Tensor]) -> None:
         """Compute -> storage layout without communication: this rank's piece of every result."""
         for entry, result in zip(bucket.entries, results):
-            _write_piece(directions[entry.param], entry.matrix,
+            write_piece(directions[entry.param], entry.matrix,
                          result.chunk(self.plan.tp_size, dim=bucket.concat_dim)[self.tp_rank])
 
     def _all_to_all(self, sends: list[list[Tensor]], recv_counts: list[int], dtype: torch.dtype) -> list[Tensor]:
@@ -309,7 +310,7 @@ class DistributedScion(torch.optim.Optimizer):
     ``constrained``, ``weight_decay`` (other keys, e.g. megatron's ``max_lr``, are kept).
     The LMO of each parameter comes from its :class:`ParamLayout`. :meth:`step` is the one
     entry point (``ScionOptimizer`` wraps it for megatron). In sharded DP mode the parameters may
-    be of any one dtype (the owners keep fp32 masters, ``owned``) and ``self.state`` stays empty.
+    be of any dtypes (the owners keep fp32 masters, ``owned``) and ``self.state`` stays empty.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -335,9 +336,6 @@ class DistributedScion(torch.optim.Optimizer):
         self.groups = groups
         self.counter = CommCounter()
         self.sharded = dp_mode == "sharded"
-        if self.sharded and len({p.dtype for p in self._params}) > 1:
-            raise ValueError(f"--scion-dp-mode sharded: the parameters must share one dtype (the owners send "
-                             f"each rank its new piece in it), got {sorted({str(p.dtype) for p in self._params})}")
         self.plan = build_exchange_plan(self.layouts, tp_size=dist.get_world_size(groups.tp),
                                         dp_size=dist.get_world_size(groups.dp), tp_rank=dist.get_rank(groups.tp),
                                         tp_mode=tp_mode, dp_mode=dp_mode,
@@ -388,7 +386,7 @@ class DistributedScion(torch.optim.Optimizer):
         for blocks in self.plan.row_blocks:
             rows = blocks.rows_of(self.dualizer.me)
             new = None if rows is None else self._update_owned(
-                blocks.lmo, [blocks.entry], [_piece(grads[blocks.entry.param], blocks.entry.matrix)[rows[0]:rows[1]]],
+                blocks.lmo, [blocks.entry], [piece_of(grads[blocks.entry.param], blocks.entry.matrix)[rows[0]:rows[1]]],
                 grad_scale)[0]
             self.dualizer.share_row_blocks(blocks, new, self._params)
 
@@ -406,19 +404,21 @@ class DistributedScion(torch.optim.Optimizer):
         return [state.master.to(self._params[e.param].dtype) for state, e in zip(states, entries)]
 
     @torch.no_grad()
-    def gather_masters(self) -> None:
-        """Sharded mode: the owners (re)take their fp32 masters from the parameters, zero momentum
-        where new (collective over TP×DP: every rank calls it)."""
+    def gather_masters(self, keep: Collection[str] = ()) -> None:
+        """Sharded mode: the owners (re)take their fp32 masters from the parameters, except those
+        of the matrix keys in ``keep``; zero momentum where new (collective over TP×DP: every
+        rank calls it)."""
         me = self.dualizer.me
         for bucket in self.plan.buckets:
             for entry, whole in zip(self.dualizer.owned_entries(bucket),
                                     self.dualizer.gather_to_owners(bucket, self._params)):
-                self._own(entry.matrix.key, whole)
+                if entry.matrix.key not in keep:
+                    self._own(entry.matrix.key, whole)
         for blocks in self.plan.row_blocks:
             rows = blocks.rows_of(me)
-            if rows is not None:
+            if rows is not None and blocks.entry.matrix.key not in keep:
                 self._own(blocks.entry.matrix.key,
-                          _piece(self._params[blocks.entry.param], blocks.entry.matrix)[rows[0]:rows[1]])
+                          piece_of(self._params[blocks.entry.param], blocks.entry.matrix)[rows[0]:rows[1]])
         self._owned_ready = True
 
     def _own(self, key: str, value: Tensor) -> None:

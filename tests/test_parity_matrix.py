@@ -8,7 +8,7 @@ owners over TP×DP), only more of them side by side.
 
 Configurations (``ScionFlags``; every field not named is the CLI's default): ``default`` (qkv
 split, ns5, owner, replicated, rownorm output: what ``disco-pretrain`` runs), ``duplicated``
-(TP > 1), ``sharded`` (DP > 1), ``polar_express``, ``sign`` output, ``head`` split, and
+(TP > 1), ``sharded`` (DP > 1; its parameters equal ``default``'s bit for bit after every step), ``polar_express``, ``sign`` output, ``head`` split, and
 ``fused_svd`` (fused QKV, exact SVD, constrained update, weight decay, momentum 0.3: the other
 branches of the update rule). Lr and radius differ per group (``_scion_model``). Each runs two
 steps; the error is the relative error of each parameter's change vs the reference's.
@@ -185,6 +185,7 @@ def check_layout(tp: int, pp: int, dp: int, refs: dict[str, list[dict[str, torch
     """Every configuration on TP×PP×DP: parity each step, bytes and work of the first step."""
     groups, (tp_rank, pp_rank, dp_rank) = megatron_groups(tp, pp, dp)
     report = {}
+    default_params: list[dict[str, torch.Tensor]] = []  # "sharded" differs from "default" in dp_mode only
     for config, flags in CONFIGS.items():
         if not _applies(config, tp, dp):
             continue
@@ -196,6 +197,10 @@ def check_layout(tp: int, pp: int, dp: int, refs: dict[str, list[dict[str, torch
             with _recording() if step == 0 else contextlib.nullcontext() as seen:
                 result = run.step(step)
             assert result.stepped, where
+            if config == "default":
+                default_params.append({g: p.clone() for g, p in run.params.items()})
+            if config == "sharded":  # the same arithmetic as replicated, bit for bit
+                assert all(torch.equal(p, default_params[step][g]) for g, p in run.params.items()), where
             errors = run.change_errors(refs[config][0], refs[config][step + 1])
             bad = {k: v for k, v in errors.items() if not v <= TOL}
             assert not bad, f"{where} step {step + 1}: {bad}"

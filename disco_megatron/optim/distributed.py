@@ -440,11 +440,6 @@ class DistributedScion(torch.optim.Optimizer):
             self.dualizer.share_row_blocks(
                 blocks, None if state is None else state.master.to(self._params[blocks.entry.param].dtype), self._params)
 
-    def state_numel(self) -> int:
-        """Elements of optimizer state this rank holds (momentum, plus the masters when sharded)."""
-        return sum(s.momentum.numel() + s.master.numel() for s in self.owned.values()) + \
-            sum(t.numel() for st in self.state.values() for t in st.values() if torch.is_tensor(t))
-
     def check_grads(self, grads: Sequence[Tensor | None]) -> GradCheck:
         """Finiteness and global grad norm with one all-reduce over ``world``.
 

@@ -62,6 +62,8 @@ def _layout_for(name: str, param: torch.nn.Parameter, model_cfg: Any, config: Sc
 class ScionOptimizer(MegatronOptimizer):
     """Scion for megatron-core model chunks (see the module docstring)."""
 
+    checkpoint_format = DIST_FORMAT  # what storage.load_checkpoint expects in the checkpoint's optimizer state
+
     def __init__(self, config: ScionConfig, model_chunks: list[torch.nn.Module],
                  groups: Optional[StageGroups] = None) -> None:
         groups = groups or StageGroups.from_megatron()
@@ -240,7 +242,7 @@ class ScionOptimizer(MegatronOptimizer):
             fragments = None if piece.fragments is None or frame.axis_fragmentations is None \
                 else frame.axis_fragmentations[:layers] + piece.fragments
             state[index] = {
-                kind: ShardedTensor(f"optimizer.scion.{kind}.{name}", tensor.contiguous(), tensor.dtype,
+                kind: ShardedTensor(f"optimizer.state.{kind}.{name}", tensor.contiguous(), tensor.dtype,
                                     piece.local_shape, frame.global_shape[:layers] + piece.matrix.shape,
                                     frame.global_offset[:layers] + piece.global_offset, fragments,
                                     replica_id=(shared, *piece.replica), prepend_axis_num=layers,

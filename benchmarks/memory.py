@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from disco_megatron.config import ConfigError, ModelConfig
 from disco_megatron.runtime.spawn import run_workers
 from _common import describe, format_table, preset, stage_layouts, write_result
 
@@ -24,6 +25,18 @@ WORLD = 4
 LAYOUTS = ((1, 4), (2, 2), (4, 1))  # TP x DP, each on the WORLD processes
 MODES = ("replicated", "sharded")
 STATE_BYTES_PER_PARAM = 8  # fp32 momentum + fp32 master
+
+
+def valid_layouts(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The TP×DP layouts of ``LAYOUTS`` the model can be split into (query groups divisible by TP)."""
+    valid = []
+    for tp, dp in LAYOUTS:
+        try:
+            cfg.validate(tp, 1)
+        except ConfigError:
+            continue
+        valid.append((tp, dp))
+    return valid
 
 
 def memory_worker(rank: int, world: int, preset_name: str, out: str) -> None:
@@ -36,7 +49,7 @@ def memory_worker(rank: int, world: int, preset_name: str, out: str) -> None:
     from disco_megatron.runtime import initialize_parallel
 
     by_layout = []
-    for tp, _ in LAYOUTS:
+    for tp, _ in valid_layouts(preset(preset_name)):
         info = initialize_parallel(tp, 1)
         groups = StageGroups.from_megatron()
         layouts = stage_layouts(preset(preset_name), tp, info.tp_rank)
@@ -91,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = preset(name)
             path = str(Path(tmp, f"{name}.json"))
             run_workers(memory_worker, WORLD, name, path)
-            for (tp, dp), reports in zip(LAYOUTS, json.loads(Path(path).read_text())):
+            skipped = sorted(set(LAYOUTS) - set(valid_layouts(cfg)))
+            if skipped:
+                print(f"{name}: TP×DP {skipped} skipped ({cfg.query_groups} query groups do not split over that TP)")
+            for (tp, dp), reports in zip(valid_layouts(cfg), json.loads(Path(path).read_text())):
                 total = sum(math.prod(m.shape) for layout in stage_layouts(cfg, tp, 0).values()
                             for m in layout.matrices)  # the model's parameters, vocab padded for this TP
                 results.append({"preset": name, "model": describe(cfg), **summarize(tp, dp, total, reports)})

@@ -8,7 +8,8 @@ owners over TP×DP), only more of them side by side.
 
 Configurations (``ScionFlags``; every field not named is the CLI's default): ``default`` (qkv
 split, ns5, owner, replicated, rownorm output: what ``disco-pretrain`` runs), ``duplicated``
-(TP > 1), ``sharded`` (DP > 1; its parameters equal ``default``'s bit for bit after every step), ``polar_express``, ``sign`` output, ``head`` split, and
+(TP > 1), ``sharded`` (DP > 1; its parameters equal ``default``'s bit for bit after every
+step), ``polar_express``, ``sign`` output, ``head`` split, and
 ``fused_svd`` (fused QKV, exact SVD, constrained update, weight decay, momentum 0.3: the other
 branches of the update rule). Lr and radius differ per group (``_scion_model``). Each runs two
 steps; the error is the relative error of each parameter's change vs the reference's.

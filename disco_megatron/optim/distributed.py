@@ -437,8 +437,8 @@ class DistributedScion(torch.optim.Optimizer):
             self.dualizer.scatter_to_shards(bucket, masters, self._params)
         for blocks in self.plan.row_blocks:
             state = self.owned.get(blocks.entry.matrix.key) if blocks.rows_of(self.dualizer.me) else None
-            self.dualizer.share_row_blocks(
-                blocks, None if state is None else state.master.to(self._params[blocks.entry.param].dtype), self._params)
+            mine = None if state is None else state.master.to(self._params[blocks.entry.param].dtype)
+            self.dualizer.share_row_blocks(blocks, mine, self._params)
 
     def check_grads(self, grads: Sequence[Tensor | None]) -> GradCheck:
         """Finiteness and global grad norm with one all-reduce over ``world``.

@@ -265,7 +265,8 @@ class ScionOptimizer(MegatronOptimizer):
             return {MOMENTUM: owned.momentum, **({MASTER: owned.master} if with_master else {})}
         main = self.main_params[piece.param]
         momentum = self.optimizer.state[main][MOMENTUM]
-        return {MOMENTUM: piece_of(momentum, piece.matrix), **({MASTER: piece_of(main, piece.matrix)} if with_master else {})}
+        return {MOMENTUM: piece_of(momentum, piece.matrix),
+                **({MASTER: piece_of(main, piece.matrix)} if with_master else {})}
 
     @torch.no_grad()
     def _load_matrices(self, state_dict: dict[str, Any]) -> None:
@@ -289,6 +290,7 @@ class ScionOptimizer(MegatronOptimizer):
                         else self.main_params[piece.param]
                     write_piece(held, piece.matrix, saved[kind])
         self._copy_main_to_model()
+
 
 def _check_format(state_dict: dict[str, Any]) -> None:
     if state_dict.get("format") != STATE_FORMAT:

@@ -70,6 +70,8 @@ def sharded_state_worker(rank: int, world: int) -> None:
         errors = runs["sharded"].change_errors(reference[0], reference[step + 1])
         assert max(errors.values()) <= 1e-5, (rank, step, errors)
     sharded = runs["sharded"].opt
+    # the directions the norm statistics log: the same pieces in both modes
+    assert all(torch.equal(a, b) for a, b in zip(sharded.directions(), runs["replicated"].opt.directions()))
     assert not sharded.state  # no per-parameter momentum: the owners' state is all
     held = sum(s.momentum.numel() + s.master.numel() for s in sharded.owned.values())
     assert held == 2 * sharded.plan.owned_numel(sharded.dualizer.me) > 0

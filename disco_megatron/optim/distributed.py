@@ -502,6 +502,23 @@ class DistributedScion(torch.optim.Optimizer):
         """Bytes sent/received by this rank per collective kind, last step and total."""
         return self.counter.stats()
 
+    @torch.no_grad()
+    def directions(self) -> list[Tensor]:
+        """dualize(d) of every parameter from the current momentum, in storage layout (fp32): the
+        direction the last step applied, for the norm statistics (collective in both modes)."""
+        self.init_state()
+        if not self.sharded:
+            return self.dualizer([self.state[p]["momentum_buffer"] for p in self._params])
+        out = [torch.zeros_like(p, dtype=STATE_DTYPE) for p in self._params]
+        for bucket in self.plan.buckets:
+            momenta = [self.owned[e.matrix.key].momentum for e in self.dualizer.owned_entries(bucket)]
+            self.dualizer.scatter_to_shards(bucket, self.dualizer.dualize(bucket.lmo, momenta), out)
+        for blocks in self.plan.row_blocks:
+            state = self.owned.get(blocks.entry.matrix.key) if blocks.rows_of(self.dualizer.me) else None
+            mine = None if state is None else self.dualizer.dualize(blocks.lmo, [state.momentum])[0]
+            self.dualizer.share_row_blocks(blocks, mine, out)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """torch's, plus (sharded mode) the owners' ``owned`` state by matrix key."""
         state = super().state_dict()

@@ -158,7 +158,8 @@ SCION_FLAGS: dict[str, tuple[str, type, str]] = {
     "tp_mode": ("--scion-tp-mode", str,
                 "owner (exact, each matrix orthogonalised once), duplicated (all-gather baseline) or local "
                 "(shard-local approximation)"),
-    "dp_mode": ("--scion-dp-mode", str, "replicated (each DP replica computes) or sharded (NS work split over DP)"),
+    "dp_mode": ("--scion-dp-mode", str, "replicated (every DP replica holds all optimizer state and computes) or "
+                "sharded (one owner per logical matrix over TP×DP holds its momentum and fp32 master)"),
     "qkv_split": ("--scion-qkv-split", str, "logical matrices of a fused QKV weight: one (fused), Q/K/V (qkv) or one per head (head)"),
     "output_lmo": ("--scion-output-lmo", str, "LMO of the output layer"),
     "preset": ("--scion-preset", str,

@@ -1,6 +1,6 @@
 """The benchmarks in ``--quick`` mode: they run, write their JSON, and the numbers that do
 not depend on timing are right (byte counts vs the owner/duplicated formulas on a hand-counted
-matrix size, plan balance, layouts vs a real model). Timings are only checked for sanity: one
+matrix size, plan balance, layouts vs a real model, optimizer state held vs 8·P/(TP·DP)). Timings are only checked for sanity: one
 positive, finite sample per repeat."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import balance  # noqa: E402
 import comm  # noqa: E402
+import memory  # noqa: E402
 import norm_accuracy  # noqa: E402
 import ns_precision  # noqa: E402
 import step  # noqa: E402
@@ -99,3 +100,16 @@ def test_norm_accuracy_quick_within_the_bound(tmp_path: Path) -> None:
         assert record[key]["count"] == 2 * 16 and record[key]["max"] <= record["required"] == 1e-3
     assert record["recorded"]["params"]["count"] == 2 * 16
     assert record["recorded"]["updates"]["max"] <= record["tolerance"]
+
+
+def test_memory_quick_sharded_state_meets_the_theory(tmp_path: Path) -> None:
+    assert memory.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "memory")
+    assert [(r["tp"], r["dp"]) for r in record["results"]] == [(1, 4), (2, 2), (4, 1)]
+    for r in record["results"]:
+        assert r["sharded_equals_plan"] is True
+        # every logical matrix's momentum and master held once over TP×DP: the mean is the theory
+        assert r["sharded_mean_over_theory"] == pytest.approx(1.0, rel=1e-12)
+        assert 1.0 <= r["sharded_max_over_theory"] <= 1.05
+        # replicated: every rank holds 8 bytes per local parameter, DP copies of the sharded total
+        assert r["replicated"]["mean"] >= r["dp"] * r["sharded"]["mean"] * 0.999

@@ -30,8 +30,8 @@ def _train_args(run_dir: Path, optimizer: str, tp: int, pp: int, extra: list[str
             "--optimizer", optimizer, "--lr", LR[optimizer], "--run-dir", str(run_dir), *extra]
 
 
-def _train(run_dir: Path, optimizer: str) -> Path:
-    result = torchrun(4, _train_args(run_dir, optimizer, 2, 2, ["--save-interval", "2"]))
+def _train(run_dir: Path, optimizer: str, tp: int = 2, pp: int = 2, extra: list[str] = ()) -> Path:
+    result = torchrun(4, _train_args(run_dir, optimizer, tp, pp, ["--save-interval", "2", *extra]))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -221,13 +221,18 @@ def _plain_checkpoint(ckpt_dir: Path) -> tuple[dict, dict]:
     return tensors, {k: v for k, v in plain.items() if k not in tensors and k != "rng_state"}
 
 
-@pytest.mark.parametrize("optimizer,tp,pp", [("scion", 1, 1), ("scion", 4, 1), ("adam", 1, 2)])
-def test_reshard_keeps_optimizer_state_and_training_continues(scion_run, tmp_path_factory, optimizer, tp, pp):
+@pytest.mark.parametrize("source,tp,pp", [("scion", 1, 1), ("scion", 4, 1), ("adam", 1, 2), ("scion-sharded", 1, 1)])
+def test_reshard_keeps_optimizer_state_and_training_continues(scion_run, tmp_path_factory, source, tp, pp):
     """Every global tensor (weights and optimizer state: Scion momentum, Adam moments) and the common
     state (iteration, consumed samples, scheduler, param groups) survive TP2xPP2 -> TPxPP unchanged;
     resumed training then repeats the uninterrupted run's losses to 1e-6 (relative: a float32 loss
-    near 8 is only resolved to 1e-6, and TP1 sums in another order than TP2xPP2)."""
-    run = scion_run if optimizer == "scion" else _train(tmp_path_factory.mktemp("adam"), "adam")
+    near 8 is only resolved to 1e-6, and TP1 sums in another order than TP2xPP2). ``scion-sharded``:
+    a TP2xDP2 run whose Scion state lives on its owners (--scion-dp-mode sharded) resumes
+    replicated at TP1."""
+    optimizer = source.split("-")[0]
+    run = {"scion": lambda: scion_run, "adam": lambda: _train(tmp_path_factory.mktemp("adam"), "adam"),
+           "scion-sharded": lambda: _train(tmp_path_factory.mktemp("sharded"), "scion", 2, 1,
+                                           ["--scion-dp-mode", "sharded"])}[source]()
     out = tmp_path_factory.mktemp("reshard") / f"tp{tp}pp{pp}"
     assert _convert("reshard", "--load", run / "checkpoints", "--ckpt-step", "2", "--out", out,
                     "--target-tp", tp, "--target-pp", pp) == 0

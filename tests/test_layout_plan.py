@@ -1,6 +1,8 @@
 """Layout (logical matrices of megatron shards) and ownership plan: pure, single process."""
 from __future__ import annotations
 
+import math
+
 from types import SimpleNamespace
 
 import pytest
@@ -276,10 +278,28 @@ def test_fingerprint_follows_the_plan_inputs_not_the_parameter_order() -> None:
         build_exchange_plan(layouts, tp_size=2, dp_size=2, tp_mode="duplicated", dp_mode="sharded")
 
 
-def test_sharded_dp_at_tp1_spreads_the_spectral_matrices() -> None:
+@pytest.mark.parametrize("tp, dp", [(1, 2), (2, 2), (1, 4), (4, 1)])
+def test_sharded_dp_gives_every_logical_matrix_one_owner_with_balanced_bytes(tp: int, dp: int) -> None:
+    """Sharded: nothing in place, each matrix owned whole by one slot or split into row blocks
+    (vocab rows: over the DP replicas of its TP piece), all slots' state adds up to the stage's
+    matrices, and the largest slot holds little more than the mean."""
+    plans = [build_exchange_plan(_rank_layouts(tp, r, "qkv"), tp_size=tp, dp_size=dp, tp_rank=r,
+                                 dp_mode="sharded") for r in range(tp)]
+    assert all(p.in_place == () and p.fingerprint == plans[0].fingerprint for p in plans)
     layouts = _rank_layouts(1, 0, "qkv")
-    assert build_exchange_plan(layouts, tp_size=1, dp_size=2).buckets == ()
-    plan = build_exchange_plan(layouts, tp_size=1, dp_size=2, dp_mode="sharded")
-    spectral = sorted(m.key for layout in layouts if layout.lmo == "spectral" for m in layout.matrices)
-    assert sorted(plan.owners) == spectral and set(plan.owners.values()) == {0, 1}
-    assert plan.balance() <= 1.1
+    keys = sorted(m.key for layout in layouts for m in layout.matrices)
+    blocked = {rb.entry.matrix.key for rb in plans[0].row_blocks}
+    assert sorted([*plans[0].owners, *blocked]) == keys
+    assert blocked == {m.key for layout in layouts if layout.lmo in ("embedding", "rownorm") for m in layout.matrices}
+    for r, plan in enumerate(plans):
+        for rb in plan.row_blocks:
+            assert rb.owners == tuple(d * tp + r for d in range(dp)) and rb.bounds[-1] == rb.entry.matrix.shape[0] // tp
+    held = [plans[slot % tp].owned_numel(slot) for slot in range(tp * dp)]
+    assert sum(held) == sum(math.prod(m.shape) for layout in layouts for m in layout.matrices)
+    assert max(held) <= 1.1 * sum(held) / len(held), held
+
+
+def test_sharded_dp_refuses_a_per_head_split_at_tp2() -> None:
+    with pytest.raises(ValueError, match="--scion-qkv-split head .* --scion-dp-mode sharded"):
+        build_exchange_plan(_rank_layouts(2, 0, "head"), tp_size=2, dp_size=2, dp_mode="sharded")
+    assert build_exchange_plan(_rank_layouts(1, 0, "head"), tp_size=1, dp_size=2, dp_mode="sharded").in_place == ()

@@ -113,7 +113,8 @@ def test_inspect_reads_the_args(runs: Path, capsys: pytest.CaptureFixture) -> No
     # --vocab-size 127 with NullTokenizer: 128 ids (its EOD is 127), no padding rows at TP 2.
     assert "2 layers, hidden 64, heads 4, query groups 2, ffn 128, vocab 128, RMSNorm, SwiGLU, rope (base 10000), " \
            "untied output" in text
-    assert "optimizer.state.momentum_buffer.decoder.layers.self_attention.linear_qkv.weight  (2, 128, 64)" in text
+    # Scion state is one global tensor per logical matrix (here --scion-qkv-split qkv: q, k, v)
+    assert "optimizer.state.momentum_buffer.decoder.layers.self_attention.linear_qkv.weight:q  (2, 64, 64)" in text
 
 
 def test_to_hf_logits_equal_megatron_lm_forward(runs: Path) -> None:
@@ -130,7 +131,7 @@ def test_from_hf_for_megatron_lm_finetunes_with_the_original_loss(runs: Path) ->
 def test_reshard_moves_scion_momentum_and_resumes_the_run(runs: Path, tmp_path: Path) -> None:
     saved = _tensors(runs / "trained" / "iter_0000003", tmp_path)
     moved = _tensors(runs / "tp1" / "iter_0000003", tmp_path)
-    assert sum(k.startswith("optimizer.state.momentum_buffer.") for k in saved) == 9
+    assert sum(k.startswith("optimizer.state.momentum_buffer.") for k in saved) == 12  # q, k, v; gate, up
     assert set(moved) == set(saved) and all(torch.equal(moved[k], saved[k]) for k in saved)
     trained, resumed = _losses(runs / "trained_tb"), _losses(runs / "resumed_tb")
     assert len(trained) == 6 and len(resumed) == 3

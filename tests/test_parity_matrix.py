@@ -8,7 +8,8 @@ owners over TP×DP), only more of them side by side.
 
 Configurations (``ScionFlags``; every field not named is the CLI's default): ``default`` (qkv
 split, ns5, owner, replicated, rownorm output: what ``disco-pretrain`` runs), ``duplicated``
-(TP > 1), ``sharded`` (DP > 1), ``polar_express``, ``sign`` output, ``head`` split, and
+(TP > 1), ``sharded`` (DP > 1; its parameters equal ``default``'s bit for bit after every
+step), ``polar_express``, ``sign`` output, ``head`` split, and
 ``fused_svd`` (fused QKV, exact SVD, constrained update, weight decay, momentum 0.3: the other
 branches of the update rule). Lr and radius differ per group (``_scion_model``). Each runs two
 steps; the error is the relative error of each parameter's change vs the reference's.
@@ -18,8 +19,10 @@ Per run, measured on the ranks while the first step runs:
 - bytes per rank handed to ``torch.distributed`` (``all_to_all_single`` and ``all_gather`` are
   wrapped; bytes for other ranks), against the theory with M the fp32 bytes of the stage's
   matrices that the exchange moves: owner 2(t−1)/t²·M averaged over TP, duplicated (t−1)/t·M on
-  every TP rank, sharded (t·d + t − 2)/(t²·d)·M averaged over TP×DP (each matrix: t−1 pieces to
-  its owner, the result to the t·d−1 other ranks); and the optimizer's own counter agrees;
+  every TP rank, sharded per matrix (t·d + t − 2)/(t²·d) of its bytes averaged over TP×DP (t−1
+  grad pieces to its owner, the new matrix to the t·d−1 other ranks; a matrix whole on every TP
+  rank and a vocab row block only the second part, ``_sharded_bytes``); and the optimizer's own
+  counter agrees;
 - Newton–Schulz work per rank (the spectral matrices handed to ``dualize_many``): every matrix of
   the stage is orthogonalised once per exchange group (owner, sharded) or on every TP rank
   (duplicated), each rank does what the plan assigns it, and the plan's balance is within the
@@ -44,7 +47,7 @@ import torch.distributed as dist
 from _dist import megatron_groups, run_workers
 from _scion_model import CFG, ShardedRun, full_grad_norm, full_shapes, reference_run, stage_names
 from disco_megatron.optim import distributed
-from disco_megatron.optim.layout import build_layout, needs_whole
+from disco_megatron.optim.layout import build_layout, needs_whole, row_blockable
 from disco_megatron.optim.newton_schulz import ns_flops
 from disco_megatron.scion_options import DEFAULTS
 
@@ -119,16 +122,34 @@ def _stage_ns_flops(pp: int, pp_rank: int, qkv_split: str) -> int:
     return total
 
 
+def _sharded_bytes(run: ShardedRun, tp: int, dp: int) -> float:
+    """Mean bytes per TP×DP rank of a sharded step (fp32 model): a TP-sharded matrix sends t−1
+    grad pieces to its owner and a piece of the new matrix to the t·d−1 other ranks; a matrix
+    whole on every TP rank, and each row block, goes from its owner to the others holding it
+    (vocab rows: a TP piece's d−1 other replicas)."""
+    slots, total = tp * dp, 0.0
+    for layout in run.layouts.values():
+        for m in layout.matrices:
+            nbytes = 4 * math.prod(m.shape)
+            if m.local:
+                total += nbytes * (slots - 1)
+            elif row_blockable(m, layout.lmo):
+                total += nbytes * (dp - 1)
+            else:
+                total += nbytes * (slots + tp - 2) / tp
+    return total / slots
+
+
 def _check_bytes(run: ShardedRun, config: str, tp: int, dp: int, sent: float, groups, where: str) -> list[float]:
     sharded = config == "sharded"
     moved = sum(4 * math.prod(m.shape) for layout in run.layouts.values() for m in layout.matrices
-                if needs_whole(m, layout.lmo) or (sharded and tp == 1 and layout.lmo == "spectral"))
+                if needs_whole(m, layout.lmo))
     per_rank = [row[0] for row in _gather([sent], groups.tp_dp if sharded else groups.tp)]
     if config == "duplicated":
         assert per_rank == [pytest.approx((tp - 1) / tp * moved, rel=1e-12)] * tp, where
     elif sharded:
         mean = sum(per_rank) / (tp * dp)
-        assert mean == pytest.approx((tp * dp + tp - 2) / (tp * tp * dp) * moved, rel=1e-12), where
+        assert mean == pytest.approx(_sharded_bytes(run, tp, dp), rel=1e-12), where
     else:
         assert sum(per_rank) / tp == pytest.approx(2 * (tp - 1) / tp**2 * moved, rel=1e-12), where
     return per_rank
@@ -165,16 +186,22 @@ def check_layout(tp: int, pp: int, dp: int, refs: dict[str, list[dict[str, torch
     """Every configuration on TP×PP×DP: parity each step, bytes and work of the first step."""
     groups, (tp_rank, pp_rank, dp_rank) = megatron_groups(tp, pp, dp)
     report = {}
+    default_params: list[dict[str, torch.Tensor]] = []  # "sharded" differs from "default" in dp_mode only
     for config, flags in CONFIGS.items():
         if not _applies(config, tp, dp):
             continue
         where = f"{config} TP{tp} PP{pp} DP{dp} rank {dist.get_rank()}"
         run = ShardedRun(groups, tp, tp_rank, pp, pp_rank, flags)
+        run.opt.init_state()  # sharded: the owners gather their masters once, before the step measured
         worst = 0.0
         for step in range(STEPS):
             with _recording() if step == 0 else contextlib.nullcontext() as seen:
                 result = run.step(step)
             assert result.stepped, where
+            if config == "default":
+                default_params.append({g: p.clone() for g, p in run.params.items()})
+            if config == "sharded":  # the same arithmetic as replicated, bit for bit
+                assert all(torch.equal(p, default_params[step][g]) for g, p in run.params.items()), where
             errors = run.change_errors(refs[config][0], refs[config][step + 1])
             bad = {k: v for k, v in errors.items() if not v <= TOL}
             assert not bad, f"{where} step {step + 1}: {bad}"

@@ -131,8 +131,9 @@ def test_tp2_ddp_equals_reference(qkv_split: str, bf16: bool) -> None:
     run_workers(tp2_ddp_worker, 2, qkv_split, bf16)
 
 
-def _synthetic_grads(model, cfg, step: int) -> None:
-    """Set ``p.grad`` to this rank's shard of a full gradient seeded by (global name, step)."""
+def _synthetic_grads(model, cfg, step: int, attr: str = "grad") -> None:
+    """Set ``p.grad`` (or ``attr``: ``main_grad``, fp32 as megatron DDP's) to this rank's shard of a
+    full gradient seeded by (global name, step)."""
     from megatron.core import parallel_state as ps
 
     from disco_megatron.models.sharding import global_param_name, shard_full_tensor
@@ -146,7 +147,8 @@ def _synthetic_grads(model, cfg, step: int) -> None:
         if dim is not None:
             full_shape[dim] *= tp
         gen = torch.Generator().manual_seed(zlib.crc32(full_name.encode()) + 1000 * step)
-        p.grad = shard_full_tensor(full_name, torch.randn(full_shape, generator=gen), tp_rank, tp, dim, cfg.swiglu)
+        setattr(p, attr, shard_full_tensor(full_name, torch.randn(full_shape, generator=gen), tp_rank, tp, dim,
+                                           cfg.swiglu))
 
 
 def _sharded(model, opt, is_loading: bool) -> dict:
@@ -213,3 +215,133 @@ def test_momentum_saved_at_tp2pp2_reloads_at_tp1pp1(tmp_path: Path) -> None:
     ckpt.mkdir()
     run_workers(save_tp2pp2_worker, 4, str(ckpt), str(tmp_path))
     run_workers(load_tp1pp1_worker, 1, str(ckpt), str(tmp_path))
+
+
+# --- DP-sharded state (--scion-dp-mode sharded) through GPTModel, and its checkpoints -----------
+
+def _build(tp: int, pp: int, dp_mode: str, bf16: bool, like=None):
+    """(model, ScionOptimizer) at TP×PP (DP: the rest of the world); with ``like``, a twin in the
+    same parallel state with its weights."""
+    from disco_megatron.config import ModelConfig
+    from disco_megatron.models import build_gpt_model
+    from disco_megatron.optim import ScionConfig, get_scion_optimizer
+
+    if like is None:
+        _setup(tp, pp)
+    cfg = ModelConfig(**MODEL, bf16=bf16)
+    model = build_gpt_model(cfg)
+    if like is not None:
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), like.parameters()):
+                p.copy_(q)
+    opt = get_scion_optimizer(ScionConfig(**SCION, scion_qkv_split="qkv", bf16=bf16, scion_dp_mode=dp_mode), [model])
+    return cfg, model, opt
+
+
+def _layout(world: int, tp: int, pp: int) -> dict:
+    return {"tp": tp, "pp": pp, "dp": world // (tp * pp)}
+
+
+def _step(model, cfg, opt, step: int) -> None:
+    _synthetic_grads(model, cfg, step, "main_grad")
+    assert opt.step()[0]
+
+
+def _replicated_state(model, cfg, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """Full momentum and fp32 masters of a replicated-mode optimizer, by TP1 name."""
+    main = dict(zip(opt.model_params, opt.main_params))
+    return {"momentum": _gather_full(model, cfg, lambda p: opt.optimizer.state[main[p]]["momentum_buffer"]),
+            "master": _gather_full(model, cfg, lambda p: main[p])}
+
+
+def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: str) -> None:
+    assert got.keys() <= want.keys(), where
+    bad = [n for n in got if not torch.equal(got[n], want[n])]
+    assert not bad, f"{where}: differ in {bad}"
+
+
+def sharded_save_worker(rank: int, world: int, ckpt: str, out: str) -> None:
+    """TP2×DP2, bf16 params: sharded bit-equal to replicated for 3 steps (checkpoint after step 1);
+    then PP2×DP2, fp32: bit-equal to replicated and within TOL of the reference."""
+    from disco_megatron.checkpoint import storage
+
+    cfg, rep_model, rep = _build(2, 1, "replicated", True)
+    _, model, opt = _build(2, 1, "sharded", True, like=rep_model)
+    assert any(p.dtype == torch.bfloat16 for p in opt.model_params)
+    record = {}
+    for step in range(3):
+        _step(rep_model, cfg, rep, step)
+        _step(model, cfg, opt, step)
+        params = _gather_full(model, cfg, lambda p: p)
+        _assert_equal(params, _gather_full(rep_model, cfg, lambda p: p), f"TP2xDP2 step {step} rank {rank}")
+        record[f"params{step}"] = params
+        if step == 0:
+            record |= _replicated_state(rep_model, cfg, rep)
+            storage.save_checkpoint(ckpt, model, opt, None, storage.TrainState(iteration=1), {}, _layout(world, 2, 1))
+    # each rank holds its plan's state only: momentum + master of what it owns
+    held = sum(s.momentum.numel() + s.master.numel() for s in opt.optimizer.owned.values())
+    assert held == 2 * opt.optimizer.plan.owned_numel(opt.optimizer.dualizer.me) > 0
+    assert not opt.optimizer.state and all(m is p for m, p in zip(opt.main_params, opt.model_params))
+    if rank == 0:
+        torch.save(record, Path(out) / "record.pt")
+
+    cfg, rep_model, rep = _build(1, 2, "replicated", False)
+    _, model, opt = _build(1, 2, "sharded", False, like=rep_model)
+    start = _gather_full(model, cfg, lambda p: p)
+    ref_params = {n: t.clone() for n, t in start.items()}
+    ref = _reference(ref_params, opt.config, model.config)
+    for step in range(2):
+        _step(rep_model, cfg, rep, step)
+        _step(model, cfg, opt, step)
+        before = {n: t.clone() for n, t in ref_params.items()}
+        grads = _gather_full(model, cfg, lambda p: p.main_grad)
+        for name, p in ref_params.items():
+            p.grad = grads[name]
+        ref.step()
+        params = _gather_full(model, cfg, lambda p: p)
+        _assert_equal(params, _gather_full(rep_model, cfg, lambda p: p), f"PP2xDP2 step {step} rank {rank}")
+        _assert_same_change(before, params, ref_params, f"PP2xDP2 step {step} rank {rank}")
+
+
+def resume_tp1_worker(rank: int, world: int, ckpt: str, out: str) -> None:
+    """The TP2×DP2 sharded checkpoint at TP1×DP1 replicated: weights, momentum and masters bit-exact."""
+    from disco_megatron.checkpoint import storage
+
+    cfg, model, opt = _build(1, 1, "replicated", True)
+    storage.load_checkpoint(ckpt, model, opt, None, {}, _layout(world, 1, 1))
+    record = torch.load(Path(out) / "record.pt")
+    _assert_equal(_gather_full(model, cfg, lambda p: p), record["params0"], "TP1 resume params")
+    state = _replicated_state(model, cfg, opt)
+    _assert_equal(state["momentum"], record["momentum"], "TP1 resume momentum")
+    _assert_equal(state["master"], record["master"], "TP1 resume masters")
+    _step(model, cfg, opt, 1)
+    _assert_equal(_gather_full(model, cfg, lambda p: p), record["params1"], "TP1 resumed step")
+
+
+def resume_tp2pp2_and_back_worker(rank: int, world: int, ckpt: str, out: str) -> None:
+    """The checkpoint at TP2×PP2 (sharded over TP only) steps as the original run; saved there,
+    it resumes at TP2×DP2 sharded and steps as the original run again."""
+    from disco_megatron.checkpoint import storage
+
+    record = torch.load(Path(out) / "record.pt")
+    cfg, model, opt = _build(2, 2, "sharded", True)
+    storage.load_checkpoint(ckpt, model, opt, None, {}, _layout(world, 2, 2))
+    _assert_equal(_gather_full(model, cfg, lambda p: p), record["params0"], f"TP2xPP2 resume rank {rank}")
+    _step(model, cfg, opt, 1)
+    _assert_equal(_gather_full(model, cfg, lambda p: p), record["params1"], f"TP2xPP2 step rank {rank}")
+    again = str(Path(out) / "again")
+    storage.save_checkpoint(again, model, opt, None, storage.TrainState(iteration=2), {}, _layout(world, 2, 2))
+    cfg, model, opt = _build(2, 1, "sharded", True)
+    storage.load_checkpoint(again, model, opt, None, {}, _layout(world, 2, 1))
+    _step(model, cfg, opt, 2)
+    _assert_equal(_gather_full(model, cfg, lambda p: p), record["params2"], f"back at TP2xDP2 rank {rank}")
+
+
+def test_sharded_state_through_gptmodel_and_checkpoints_across_layouts(tmp_path: Path) -> None:
+    """--scion-dp-mode sharded on GPTModel: bit-equal to replicated (TP2×DP2 bf16, PP2×DP2 fp32,
+    the latter within TOL of the reference); its checkpoint resumes bit-exactly at TP1×DP1
+    replicated and at TP2×PP2, whose checkpoint resumes bit-exactly at TP2×DP2 sharded."""
+    ckpt = str(tmp_path / "ckpt")
+    run_workers(sharded_save_worker, 4, ckpt, str(tmp_path))
+    run_workers(resume_tp1_worker, 1, ckpt, str(tmp_path))
+    run_workers(resume_tp2pp2_and_back_worker, 4, ckpt, str(tmp_path))

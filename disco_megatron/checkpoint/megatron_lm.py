@@ -128,12 +128,12 @@ def checkpoint_model_config(common: dict, source: str) -> ModelConfig:
 
 def optimizer_kind(common: dict) -> Optional[str]:
     """"scion" (the plug-in's momentum), "adam"-like (megatron-core's state) or None (weights only)."""
-    from disco_megatron.optim.megatron import STATE_FORMAT
+    from disco_megatron.optim.megatron import DIST_FORMAT
 
     state = common.get("optimizer")
     if state is None:
         return None
-    return "scion" if isinstance(state, dict) and state.get("format") == STATE_FORMAT else "megatron-core"
+    return "scion" if isinstance(state, dict) and state.get("format") == DIST_FORMAT else "megatron-core"
 
 
 def summary(common: dict) -> tuple[dict, dict, str]:

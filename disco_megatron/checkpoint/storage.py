@@ -303,6 +303,15 @@ def load_checkpoint(load: str, model, optimizer, scheduler, model_config: dict, 
             f"{type(optimizer).__name__}; pass --no-load-optim to start the optimizer fresh"
         )
     with_optim = load_optim and has_optimizer
+    saved_optimizer = common.get("optimizer")
+    saved_format = saved_optimizer.get("format") if isinstance(saved_optimizer, dict) else None
+    expected_format = getattr(optimizer, "checkpoint_format", None)
+    if with_optim and expected_format is not None and saved_format != expected_format:
+        raise CheckpointError(
+            f"--load {load}: its {common['optimizer_type']} state has format {saved_format!r}, this version "
+            f"reads {expected_format!r}; resume with the version that saved it, or pass --no-load-optim to "
+            "start the optimizer fresh"
+        )
     sharded = _sharded_state(model, optimizer, scheduler, TrainState(), model_config, parallel,
                              is_loading=True, with_optimizer=with_optim, with_rng=load_rng and same_layout)
     try:

@@ -45,8 +45,7 @@ class ScionStepSource:
         self._scales = [g["lr"] * g["radius"] for g in self.inner.param_groups for _ in g["params"]]
 
     def __call__(self) -> dict[int, torch.Tensor]:
-        mains = [p for g in self.inner.param_groups for p in g["params"]]
-        directions = self.inner.dualizer([self.inner.state[p]["momentum_buffer"] for p in mains])
+        directions = self.inner.directions()
         return {id(model): direction.float().mul_(-scale)
                 for model, direction, scale in zip(self.outer.model_params, directions, self._scales)}
 

@@ -24,17 +24,25 @@ bucket in named stages. ``tp_mode``:
   spectral map of a row block is not the row block of the spectral map, so this is NOT
   Scion; it exists to measure what exactness costs.
 
-``dp_mode``: ``replicated`` (each DP replica runs the above; megatron DDP already all-reduced
-the grads, so replicas compute the same) or ``sharded`` (owners are spread over the TP×DP
-ranks of the stage: each matrix is computed by one rank of one replica, gathered from that
-replica's TP ranks, and its result is sent to the matching TP rank of every replica; at TP1 the
-spectral matrices, whole everywhere, are spread the same way; needs ``tp_mode=owner``). Momentum stays per rank with its parameter's sharding in both modes.
+``dp_mode``: ``replicated`` (each DP replica runs the above on momentum sharded like its
+parameter; megatron DDP already all-reduced the grads, so replicas compute the same) or
+``sharded`` (needs ``tp_mode=owner``): every logical matrix of the stage has one owner among its
+TP×DP ranks, which alone holds the matrix's fp32 momentum and fp32 master (8 bytes per
+parameter over TP·DP ranks, whatever the model dtypes). A step: check grads -> per bucket,
+:meth:`~DistributedDualizer.gather_to_owners` on the GRADIENT pieces (from the owner replica's
+TP ranks) -> the owner updates momentum, dualizes and steps its master -> one ``all_to_all``
+over TP×DP sends every rank its piece of the new parameter in the model's dtype. Vocab rows
+(row-local LMOs) are split into row blocks owned by the DP replicas of their TP rank: no gather,
+then :meth:`~DistributedDualizer.share_row_blocks`. The arithmetic is the replicated mode's,
+element for element, so both modes give bit-identical parameters; no rank holds more than one
+bucket's exchange buffers at a time.
 Pipeline stages plan only their own parameters: no cross-stage communication.
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,7 +54,7 @@ from disco_megatron.optim import comm
 from disco_megatron.optim.comm import CommCounter
 from disco_megatron.optim.layout import LogicalMatrix, ParamLayout
 from disco_megatron.optim.lmo import dualize_many
-from disco_megatron.optim.plan import Bucket, ExchangePlan, InPlace, build_exchange_plan
+from disco_megatron.optim.plan import Bucket, ExchangePlan, InPlace, PlannedMatrix, RowBlocks, build_exchange_plan
 from disco_megatron.optim.scion import apply_update_, clip_coefficient, update_momentum_
 from disco_megatron.scion_options import (
     CLIP_GRAD_DEFAULT,
@@ -110,17 +118,27 @@ def _common_device(params: Sequence[Tensor]) -> torch.device:
     return devices.pop()
 
 
-def _piece(tensor: Tensor, matrix: LogicalMatrix) -> Tensor:
+def piece_of(tensor: Tensor, matrix: LogicalMatrix) -> Tensor:
     """This rank's piece of ``matrix``: its local row ranges of ``tensor``, concatenated."""
     parts = [tensor[a:b] for a, b in matrix.local_rows]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _write_piece(tensor: Tensor, matrix: LogicalMatrix, piece: Tensor) -> None:
-    offset = 0
+def write_piece(tensor: Tensor, matrix: LogicalMatrix, piece: Tensor, start: int = 0) -> None:
+    """Write ``piece`` as rows [start, start + len(piece)) of this rank's piece of ``matrix``."""
+    offset, stop = 0, start + piece.shape[0]
     for a, b in matrix.local_rows:
-        tensor[a:b].copy_(piece[offset:offset + b - a])
+        lo, hi = max(start, offset), min(stop, offset + b - a)
+        if lo < hi:
+            tensor[a + lo - offset:a + hi - offset].copy_(piece[lo - start:hi - start])
         offset += b - a
+
+
+class OwnedState(NamedTuple):
+    """Sharded mode: what the owner of a logical matrix (or row block) holds, both fp32."""
+
+    momentum: Tensor
+    master: Tensor
 
 
 class DistributedDualizer:
@@ -166,7 +184,21 @@ class DistributedDualizer:
             )
         if self._group is self.groups.tp:
             return [(r, self.dp_rank) for r in range(self.plan.tp_size)]
-        return [(int(t[1]), int(t[2])) for t in gathered]
+        coords = [(int(t[1]), int(t[2])) for t in gathered]
+        expected = [(s % self.plan.tp_size, s // self.plan.tp_size) for s in range(len(coords))]
+        if coords != expected:
+            raise ValueError(f"--scion-dp-mode sharded expects the TP×DP group in megatron's order (TP fastest), "
+                             f"got (tp, dp) ranks {coords}; build the groups with megatron's parallel_state")
+        return coords
+
+    @property
+    def me(self) -> int:
+        """This rank's slot in the exchange group."""
+        return self._me
+
+    def owned_entries(self, bucket: Bucket) -> list[PlannedMatrix]:
+        """The matrices of ``bucket`` this rank owns, in bucket order."""
+        return [e for e, o in zip(bucket.entries, bucket.owners) if o == self._me]
 
     def __call__(self, momenta: Sequence[Tensor]) -> list[Tensor]:
         """Directions dualize(d), one per parameter, each in storage layout (shaped like its momentum)."""
@@ -189,48 +221,71 @@ class DistributedDualizer:
 
     def dualize_in_place(self, group: InPlace, momenta: Sequence[Tensor], directions: list[Tensor]) -> None:
         """Matrices whose piece is all their LMO needs: no communication."""
-        results = self.dualize(group.lmo, [_piece(momenta[e.param], e.matrix) for e in group.entries])
+        results = self.dualize(group.lmo, [piece_of(momenta[e.param], e.matrix) for e in group.entries])
         for entry, result in zip(group.entries, results):
-            _write_piece(directions[entry.param], entry.matrix, result)
+            write_piece(directions[entry.param], entry.matrix, result)
 
-    def gather_to_owners(self, bucket: Bucket, momenta: Sequence[Tensor]) -> list[Tensor]:
+    def gather_to_owners(self, bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Storage -> compute layout: the whole matrices this rank owns, in bucket order.
 
-        Each rank of the owner's replica sends the owner its piece (one ``all_to_all``).
+        Each rank of the owner's replica sends the owner its piece of ``tensors`` (momenta, or
+        in sharded mode grads and params; one ``all_to_all``); none when the bucket's matrices
+        are whole on every TP rank.
         """
-        t, me, slots = self.plan.tp_size, self._me, self._slot_coords
-        piece_shape = bucket.piece_shape(t)
+        if bucket.split == 1:
+            return [piece_of(tensors[e.param], e.matrix) for e in self.owned_entries(bucket)]
+        t, me, slots = bucket.split, self._me, self._slot_coords
+        piece_shape = bucket.piece_shape
         numel = math.prod(piece_shape)
         my_dp = slots[me][1]
         sends: list[list[Tensor]] = [[] for _ in slots]
         for entry, owner in zip(bucket.entries, bucket.owners):
             if slots[owner][1] == my_dp:
-                sends[owner].append(_piece(momenta[entry.param], entry.matrix).reshape(-1))
+                sends[owner].append(piece_of(tensors[entry.param], entry.matrix).reshape(-1))
         owned = bucket.owners.count(me)
         peers = [s for s, (_, dp) in enumerate(slots) if dp == my_dp]
-        received = self._all_to_all(sends, [owned * numel if s in peers else 0 for s in range(len(slots))])
+        dtype = functools.reduce(torch.promote_types, {tensors[e.param].dtype for e in bucket.entries})
+        received = self._all_to_all(sends, [owned * numel if s in peers else 0 for s in range(len(slots))], dtype)
         pieces_by_tp = {slots[s][0]: received[s].view(owned, *piece_shape) for s in peers}
         return [torch.cat([pieces_by_tp[r][j] for r in range(t)], dim=bucket.concat_dim) for j in range(owned)]
 
-    def scatter_to_shards(self, bucket: Bucket, results: list[Tensor], directions: list[Tensor]) -> None:
+    def scatter_to_shards(self, bucket: Bucket, results: list[Tensor], targets: Sequence[Tensor]) -> None:
         """Compute -> storage layout: each owner sends every rank of the exchange group its piece
-        of each result (one ``all_to_all``), written into that rank's directions."""
-        t, slots = self.plan.tp_size, self._slot_coords
-        piece_shape = bucket.piece_shape(t)
+        of each result (one ``all_to_all``), written into that rank's ``targets`` (directions,
+        or in sharded mode the parameters; in the targets' dtype, promoted over the bucket)."""
+        slots = self._slot_coords
+        piece_shape = bucket.piece_shape
         numel = math.prod(piece_shape)
-        chunks = [r.chunk(t, dim=bucket.concat_dim) for r in results]
-        sends = [[c[tp].reshape(-1) for c in chunks] for tp, _ in slots]
-        received = self._all_to_all(sends, [bucket.owners.count(s) * numel for s in range(len(slots))])
+        chunks = [r.chunk(bucket.split, dim=bucket.concat_dim) for r in results]
+        sends = [[c[tp % bucket.split].reshape(-1) for c in chunks] for tp, _ in slots]
+        dtype = functools.reduce(torch.promote_types, {targets[e.param].dtype for e in bucket.entries})
+        received = self._all_to_all(sends, [bucket.owners.count(s) * numel for s in range(len(slots))], dtype)
         taken = [0] * len(slots)
         for entry, owner in zip(bucket.entries, bucket.owners):
             piece = received[owner][taken[owner] * numel:(taken[owner] + 1) * numel]
             taken[owner] += 1
-            _write_piece(directions[entry.param], entry.matrix, piece.view(piece_shape))
+            write_piece(targets[entry.param], entry.matrix, piece.view(piece_shape))
+
+    def share_row_blocks(self, blocks: RowBlocks, mine: Tensor | None, targets: Sequence[Tensor]) -> None:
+        """Sharded mode: the owners of a row-blocked matrix's piece send each other their block
+        (``mine``, None where this rank owns none), written into ``targets`` (one ``all_to_all``
+        over TP×DP; ranks of other TP pieces exchange their own blocks in the same call)."""
+        entry, bounds = blocks.entry, blocks.bounds
+        target = targets[entry.param]
+        row_numel = math.prod(entry.matrix.shape[1:])
+        sends = [[mine.reshape(-1)] if mine is not None and s in blocks.owners else []
+                 for s in range(len(self._slot_coords))]
+        counts = [0] * len(self._slot_coords)
+        for j, owner in enumerate(blocks.owners):
+            counts[owner] = (bounds[j + 1] - bounds[j]) * row_numel
+        received = self._all_to_all(sends, counts, target.dtype)
+        for j, owner in enumerate(blocks.owners):
+            write_piece(target, entry.matrix, received[owner].view(-1, *entry.matrix.shape[1:]), bounds[j])
 
     def all_gather_wholes(self, bucket: Bucket, momenta: Sequence[Tensor]) -> list[Tensor]:
         """Storage -> compute layout on every TP rank: every whole matrix of the bucket (one ``all_gather``)."""
-        piece_shape = bucket.piece_shape(self.plan.tp_size)
-        mine = torch.cat([_piece(momenta[e.param], e.matrix).reshape(-1) for e in bucket.entries])
+        piece_shape = bucket.piece_shape
+        mine = torch.cat([piece_of(momenta[e.param], e.matrix).reshape(-1) for e in bucket.entries])
         gathered = [g.view(len(bucket.entries), *piece_shape)
                     for g in comm.all_gather(self.counter, mine, self.groups.tp)]
         return [torch.cat([g[j] for g in gathered], dim=bucket.concat_dim) for j in range(len(bucket.entries))]
@@ -238,14 +293,14 @@ class DistributedDualizer:
     def keep_own_pieces(self, bucket: Bucket, results: list[Tensor], directions: list[Tensor]) -> None:
         """Compute -> storage layout without communication: this rank's piece of every result."""
         for entry, result in zip(bucket.entries, results):
-            _write_piece(directions[entry.param], entry.matrix,
+            write_piece(directions[entry.param], entry.matrix,
                          result.chunk(self.plan.tp_size, dim=bucket.concat_dim)[self.tp_rank])
 
-    def _all_to_all(self, sends: list[list[Tensor]], recv_counts: list[int]) -> list[Tensor]:
-        """One all_to_all: ``sends[d]`` goes to group rank d; returns what each rank sent us."""
-        flat = [torch.cat(s) if s else torch.empty(0, dtype=STATE_DTYPE, device=self.device) for s in sends]
+    def _all_to_all(self, sends: list[list[Tensor]], recv_counts: list[int], dtype: torch.dtype) -> list[Tensor]:
+        """One all_to_all of ``dtype``: ``sends[d]`` goes to group rank d; returns what each rank sent us."""
+        flat = [torch.cat(s).to(dtype) if s else torch.empty(0, dtype=dtype, device=self.device) for s in sends]
         inp = torch.cat(flat)
-        out = torch.empty(sum(recv_counts), dtype=inp.dtype, device=inp.device)
+        out = torch.empty(sum(recv_counts), dtype=dtype, device=self.device)
         comm.all_to_all_single(self.counter, out, inp, recv_counts, [f.numel() for f in flat], self._group)
         return list(out.split(recv_counts))
 
@@ -256,7 +311,8 @@ class DistributedScion(torch.optim.Optimizer):
     Param-group keys: ``lr``, ``momentum`` (α, the weight of the new gradient), ``radius``,
     ``constrained``, ``weight_decay`` (other keys, e.g. megatron's ``max_lr``, are kept).
     The LMO of each parameter comes from its :class:`ParamLayout`. :meth:`step` is the one
-    entry point (``ScionOptimizer`` wraps it for megatron).
+    entry point (``ScionOptimizer`` wraps it for megatron). In sharded DP mode the parameters may
+    be of any dtypes (the owners keep fp32 masters, ``owned``) and ``self.state`` stays empty.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -281,11 +337,16 @@ class DistributedScion(torch.optim.Optimizer):
                                  f"its layout {layout.local_shape}")
         self.groups = groups
         self.counter = CommCounter()
+        self.sharded = dp_mode == "sharded"
         self.plan = build_exchange_plan(self.layouts, tp_size=dist.get_world_size(groups.tp),
-                                        dp_size=dist.get_world_size(groups.dp), tp_mode=tp_mode, dp_mode=dp_mode,
+                                        dp_size=dist.get_world_size(groups.dp), tp_rank=dist.get_rank(groups.tp),
+                                        tp_mode=tp_mode, dp_mode=dp_mode,
                                         ns_backend=ns_backend, ns_steps=ns_steps,
                                         ns_dtype=ns_dtype_for(ns_dtype, self.device.type))
         self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter)
+        self._group_of = [g for g in self.param_groups for _ in g["params"]]
+        self.owned: dict[str, OwnedState] = {}  # sharded mode: matrix key -> this owner's state
+        self._owned_ready = False
         tp_rank = dist.get_rank(groups.tp)
         self._norm_mask = [
             norm_mask[p] if norm_mask is not None else (layout.partition_dim is not None or tp_rank == 0)
@@ -293,8 +354,11 @@ class DistributedScion(torch.optim.Optimizer):
         ]
 
     @torch.no_grad()
-    def step(self) -> StepResult:  # type: ignore[override]
+    def step(self, grads: Sequence[Tensor | None] | None = None) -> StepResult:  # type: ignore[override]
         """One Scion step: check grads -> clip -> momentum -> exchange -> update.
+
+        ``grads``: one per parameter (default: each parameter's ``.grad``; megatron's fp32
+        ``main_grad`` of a bf16 parameter comes this way in sharded mode).
 
         The skip rule: a non-finite grad on any rank skips the step on every rank (parameters and
         momentum unchanged, ``stepped`` False); a missing grad raises on every rank. With
@@ -303,15 +367,82 @@ class DistributedScion(torch.optim.Optimizer):
         the returned grad norm is the one before clipping, as megatron reports it.
         """
         self.counter.start_step()
-        check = self.check_grads()
+        grads = [p.grad for p in self._params] if grads is None else list(grads)
+        check = self.check_grads(grads)
         if not check.finite:
             return StepResult(False, None)
-        momenta = self.update_momenta(clip_coefficient(check.grad_norm, self.clip_grad))
-        directions = self.dualizer(momenta)
-        self.update_params(directions)
+        scale = clip_coefficient(check.grad_norm, self.clip_grad)
+        if self.sharded:
+            self.step_owners(grads, scale)
+        else:
+            self.update_params(self.dualizer(self.update_momenta(grads, scale)))
         return StepResult(True, check.grad_norm)
 
-    def check_grads(self) -> GradCheck:
+    def step_owners(self, grads: Sequence[Tensor], grad_scale: float) -> None:
+        """Sharded mode, bucket by bucket: grads to owners -> owners update -> new param pieces to every rank."""
+        self.init_state()
+        for bucket in self.plan.buckets:
+            entries = self.dualizer.owned_entries(bucket)
+            new = self._update_owned(bucket.lmo, entries, self.dualizer.gather_to_owners(bucket, grads), grad_scale)
+            self.dualizer.scatter_to_shards(bucket, new, self._params)
+        for blocks in self.plan.row_blocks:
+            rows = blocks.rows_of(self.dualizer.me)
+            new = None if rows is None else self._update_owned(
+                blocks.lmo, [blocks.entry], [piece_of(grads[blocks.entry.param], blocks.entry.matrix)[rows[0]:rows[1]]],
+                grad_scale)[0]
+            self.dualizer.share_row_blocks(blocks, new, self._params)
+
+    def _update_owned(self, lmo: str, entries: Sequence[PlannedMatrix], grads: Sequence[Tensor],
+                      grad_scale: float) -> list[Tensor]:
+        """The owner's momentum, dualize and master update of ``entries``; their new values in the params' dtype."""
+        states = [self.owned[e.matrix.key] for e in entries]
+        groups = [self._group_of[e.param] for e in entries]
+        for state, grad, g in zip(states, grads, groups):
+            update_momentum_(state.momentum, grad, g["momentum"], grad_scale)
+        directions = self.dualizer.dualize(lmo, [state.momentum for state in states])
+        for state, direction, g in zip(states, directions, groups):
+            apply_update_(state.master, direction, lr=g["lr"], radius=g["radius"], constrained=g["constrained"],
+                          weight_decay=g["weight_decay"])
+        return [state.master.to(self._params[e.param].dtype) for state, e in zip(states, entries)]
+
+    @torch.no_grad()
+    def gather_masters(self, keep: Collection[str] = ()) -> None:
+        """Sharded mode: the owners (re)take their fp32 masters from the parameters, except those
+        of the matrix keys in ``keep``; zero momentum where new (collective over TP×DP: every
+        rank calls it)."""
+        me = self.dualizer.me
+        for bucket in self.plan.buckets:
+            for entry, whole in zip(self.dualizer.owned_entries(bucket),
+                                    self.dualizer.gather_to_owners(bucket, self._params)):
+                if entry.matrix.key not in keep:
+                    self._own(entry.matrix.key, whole)
+        for blocks in self.plan.row_blocks:
+            rows = blocks.rows_of(me)
+            if rows is not None and blocks.entry.matrix.key not in keep:
+                self._own(blocks.entry.matrix.key,
+                          piece_of(self._params[blocks.entry.param], blocks.entry.matrix)[rows[0]:rows[1]])
+        self._owned_ready = True
+
+    def _own(self, key: str, value: Tensor) -> None:
+        if key in self.owned:
+            self.owned[key].master.copy_(value)
+        else:
+            master = value.to(dtype=STATE_DTYPE, device=self.device, copy=True)
+            self.owned[key] = OwnedState(torch.zeros_like(master), master)
+
+    @torch.no_grad()
+    def write_masters_to_params(self) -> None:
+        """Sharded mode: every rank's parameters from the owners' masters (collective over TP×DP)."""
+        for bucket in self.plan.buckets:
+            masters = [self.owned[e.matrix.key].master.to(self._params[e.param].dtype)
+                       for e in self.dualizer.owned_entries(bucket)]
+            self.dualizer.scatter_to_shards(bucket, masters, self._params)
+        for blocks in self.plan.row_blocks:
+            state = self.owned.get(blocks.entry.matrix.key) if blocks.rows_of(self.dualizer.me) else None
+            mine = None if state is None else state.master.to(self._params[blocks.entry.param].dtype)
+            self.dualizer.share_row_blocks(blocks, mine, self._params)
+
+    def check_grads(self, grads: Sequence[Tensor | None]) -> GradCheck:
         """Finiteness and global grad norm with one all-reduce over ``world``.
 
         Replicated tensors count once per TP group (``norm_mask``), DP replicas are divided
@@ -321,14 +452,14 @@ class DistributedScion(torch.optim.Optimizer):
         """
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         missing = []
-        for p, layout, counted in zip(self._params, self.layouts, self._norm_mask):
-            if p.grad is None or p.grad.shape != p.shape:
-                got = "none" if p.grad is None else f"shape {tuple(p.grad.shape)}"
+        for p, grad, layout, counted in zip(self._params, grads, self.layouts, self._norm_mask):
+            if grad is None or grad.shape != p.shape:
+                got = "none" if grad is None else f"shape {tuple(grad.shape)}"
                 missing.append(f"{layout.name} (grad {got}, parameter {tuple(p.shape)})")
                 continue
-            stats[1] += (~torch.isfinite(p.grad)).sum()
+            stats[1] += (~torch.isfinite(grad)).sum()
             if counted:
-                stats[0] += p.grad.double().square().sum()
+                stats[0] += grad.double().square().sum()
         stats[2] = len(missing)
         comm.all_reduce(self.counter, stats, self.groups.world)
         sum_squares, non_finite, lacking = stats.tolist()
@@ -342,13 +473,12 @@ class DistributedScion(torch.optim.Optimizer):
             return GradCheck(False, math.nan)
         return GradCheck(True, math.sqrt(sum_squares / dist.get_world_size(self.groups.dp)))
 
-    def update_momenta(self, grad_scale: float = 1.0) -> list[Tensor]:
-        """d ← (1−α)·d + α·s·g for every parameter (fp32, sharded like it; s: the clip
-        coefficient, 1 without clipping); returns the buffers."""
+    def update_momenta(self, grads: Sequence[Tensor], grad_scale: float = 1.0) -> list[Tensor]:
+        """Replicated mode: d ← (1−α)·d + α·s·g for every parameter (fp32, sharded like it; s:
+        the clip coefficient, 1 without clipping); returns the buffers."""
         self.init_state()
-        for group in self.param_groups:
-            for p in group["params"]:
-                update_momentum_(self.state[p]["momentum_buffer"], p.grad, group["momentum"], grad_scale)
+        for p, grad, group in zip(self._params, grads, self._group_of):
+            update_momentum_(self.state[p]["momentum_buffer"], grad, group["momentum"], grad_scale)
         return [self.state[p]["momentum_buffer"] for p in self._params]
 
     def update_params(self, directions: Sequence[Tensor]) -> None:
@@ -360,7 +490,12 @@ class DistributedScion(torch.optim.Optimizer):
                               constrained=g["constrained"], weight_decay=g["weight_decay"])
 
     def init_state(self) -> None:
-        """Create zero momentum for every parameter (checkpoint loading needs the tensors)."""
+        """Create zero momentum for every parameter (checkpoint loading needs the tensors); in
+        sharded mode the owners' state, once (collective: every rank calls it)."""
+        if self.sharded:
+            if not self._owned_ready:
+                self.gather_masters()
+            return
         for p in self._params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=STATE_DTYPE)
@@ -368,3 +503,42 @@ class DistributedScion(torch.optim.Optimizer):
     def comm_stats(self) -> dict[str, object]:
         """Bytes sent/received by this rank per collective kind, last step and total."""
         return self.counter.stats()
+
+    @torch.no_grad()
+    def directions(self) -> list[Tensor]:
+        """dualize(d) of every parameter from the current momentum, in storage layout (fp32): the
+        direction the last step applied, for the norm statistics (collective in both modes)."""
+        self.init_state()
+        if not self.sharded:
+            return self.dualizer([self.state[p]["momentum_buffer"] for p in self._params])
+        out = [torch.zeros_like(p, dtype=STATE_DTYPE) for p in self._params]
+        for bucket in self.plan.buckets:
+            momenta = [self.owned[e.matrix.key].momentum for e in self.dualizer.owned_entries(bucket)]
+            self.dualizer.scatter_to_shards(bucket, self.dualizer.dualize(bucket.lmo, momenta), out)
+        for blocks in self.plan.row_blocks:
+            state = self.owned.get(blocks.entry.matrix.key) if blocks.rows_of(self.dualizer.me) else None
+            mine = None if state is None else self.dualizer.dualize(blocks.lmo, [state.momentum])[0]
+            self.dualizer.share_row_blocks(blocks, mine, out)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, plus (sharded mode) the owners' ``owned`` state by matrix key."""
+        state = super().state_dict()
+        if self.sharded:
+            state["owned"] = {k: {"momentum_buffer": s.momentum, "fp32_param": s.master} for k, s in self.owned.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's; in sharded mode the owners' state too (same plan only: the caller checks the
+        fingerprint). The parameters are not touched: see :meth:`write_masters_to_params`."""
+        state_dict = dict(state_dict)
+        owned = state_dict.pop("owned", {})
+        super().load_state_dict(state_dict)
+        if self.sharded:
+            self.init_state()
+            if set(owned) != set(self.owned):
+                raise ValueError("Scion sharded optimizer state: the saved owner state does not match this "
+                                 "rank's plan; load it through a distributed checkpoint (--ckpt-format torch_dist)")
+            for key, saved in owned.items():
+                self.owned[key].momentum.copy_(saved["momentum_buffer"])
+                self.owned[key].master.copy_(saved["fp32_param"])

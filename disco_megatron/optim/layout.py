@@ -75,6 +75,12 @@ class ParamLayout:
         return lr_group(self.group)
 
 
+def row_blockable(matrix: LogicalMatrix, lmo: str) -> bool:
+    """True when the LMO of ``matrix`` works row by row on this rank's piece (a row-local map on
+    a whole or row-sharded matrix): any block of the piece's rows is dualized on its own."""
+    return lmo in _ROW_LOCAL_LMOS and (matrix.local or matrix.concat_dim == 0)
+
+
 def needs_whole(matrix: LogicalMatrix, lmo: str) -> bool:
     """True when dualizing ``matrix`` needs its TP pieces together (communication)."""
     if matrix.local:

@@ -3,42 +3,47 @@
 Megatron's training loop (or ours) sees an ordinary megatron optimizer: ``step()`` returns
 ``(success, grad_norm, num_zeros)``, param groups carry ``lr``/``max_lr``/``min_lr``/``wd_mult``
 so ``OptimizerParamScheduler`` drives the four lr groups (embedding, hidden, output, gains),
-and ``sharded_state_dict`` saves the momentum with its parameter's sharded metadata so
-``dist_checkpointing`` reshards it into any TP/PP/DP layout.
+and ``sharded_state_dict`` saves momentum and fp32 masters as one global tensor per logical
+matrix (:mod:`~disco_megatron.optim.state_layout`), so ``dist_checkpointing`` reshards them into
+any TP/PP/DP layout and either DP mode.
 
-Grads come from megatron DDP's ``param.main_grad`` (else ``param.grad``). Params that are not
-fp32 (``--bf16``) get an fp32 master copy that the optimizer steps; the model param is
-refreshed from it after each step (``reload_model_params`` goes the other way).
+Grads come from megatron DDP's ``param.main_grad`` (else ``param.grad``). In replicated DP mode,
+params that are not fp32 (``--bf16``) get an fp32 master copy on every rank that the optimizer
+steps; the model param is refreshed from it after each step (``reload_model_params`` goes the
+other way). In sharded DP mode the optimizer steps the model params themselves: the owner of
+each logical matrix keeps its fp32 master and momentum and sends every rank its new piece
+(``reload_model_params``: the owners re-gather their masters from the model params).
 """
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 from dataclasses import replace
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedStateDict
-from megatron.core.dist_checkpointing.optimizer import (
-    get_param_id_to_sharded_param_map,
-    optim_state_to_sharding_state,
-)
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 from megatron.core.optimizer.optimizer import MegatronOptimizer, _zero_grad_group_helper
 from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.utils import get_attr_wrapped_model, log_single_rank
 
 from disco_megatron.models.fp8 import is_quantized, master_weight
 from disco_megatron.optim.config import ScionConfig, scion_config_from_flags
-from disco_megatron.optim.distributed import DistributedScion, StageGroups, StepResult
+from disco_megatron.optim.distributed import DistributedScion, StageGroups, StepResult, piece_of, write_piece
 from disco_megatron.models.naming import LR_GROUPS
 from disco_megatron.optim.layout import ParamLayout, build_layout
+from disco_megatron.optim.state_layout import StatePiece, state_pieces
 
 __all__ = ["ScionOptimizer", "ScionConfig", "get_scion_optimizer", "scion_config_from_flags"]
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "scion-momentum-v1"
+STATE_FORMAT = "scion-momentum-v1"  # state_dict(): same-layout torch checkpoints
+DIST_FORMAT = "scion-matrices-v2"  # sharded_state_dict(): one global tensor per logical matrix
+MOMENTUM, MASTER = "momentum_buffer", "fp32_param"
 
 
 def _layout_for(name: str, param: torch.nn.Parameter, model_cfg: Any, config: ScionConfig,
@@ -57,6 +62,8 @@ def _layout_for(name: str, param: torch.nn.Parameter, model_cfg: Any, config: Sc
 class ScionOptimizer(MegatronOptimizer):
     """Scion for megatron-core model chunks (see the module docstring)."""
 
+    checkpoint_format = DIST_FORMAT  # what storage.load_checkpoint expects in the checkpoint's optimizer state
+
     def __init__(self, config: ScionConfig, model_chunks: list[torch.nn.Module],
                  groups: Optional[StageGroups] = None) -> None:
         groups = groups or StageGroups.from_megatron()
@@ -72,7 +79,10 @@ class ScionOptimizer(MegatronOptimizer):
                 layout = _layout_for(name, param, model_cfg, config, tp_size, tp_rank)
                 if len(model_chunks) > 1:
                     layout = _with_chunk_keys(layout, index)
-                keep = param.dtype == torch.float32 and not is_quantized(param)
+                if config.scion_dp_mode == "sharded" and is_quantized(param):
+                    raise ValueError(f"{name}: FP8 parameters keep their master on every rank; use "
+                                     "--scion-dp-mode replicated (no --use-distributed-optimizer) with FP8")
+                keep = config.scion_dp_mode == "sharded" or (param.dtype == torch.float32 and not is_quantized(param))
                 main = param if keep else self._master_of(param)
                 layouts[main] = layout
                 norm_mask[main] = param_is_not_shared(param) and \
@@ -94,6 +104,7 @@ class ScionOptimizer(MegatronOptimizer):
         self.grad_stats_parallel_group = groups.world
         self._scale_one = torch.ones(1, device=inner.device)  # megatron reads it where the grads are
         self._last_step: Optional[StepResult] = None
+        self._grads: list[Optional[torch.Tensor]] = []
 
     @staticmethod
     def _master_of(param: torch.nn.Parameter) -> torch.Tensor:
@@ -135,20 +146,25 @@ class ScionOptimizer(MegatronOptimizer):
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
-        """Hand megatron's main_grad (else .grad) to the fp32 params. Returns False (no inf found
-        yet): the Scion step checks finiteness itself, with its grad norm, in one all-reduce."""
+        """Collect megatron's main_grad (else .grad) for the step, as the fp32 params' ``.grad``
+        where their dtypes allow. Returns False (no inf found yet): the Scion step checks
+        finiteness itself, with its grad norm, in one all-reduce."""
+        self._grads = []
         for param, main in self._pairs():
             grad = getattr(param, "main_grad", None)
             grad = param.grad if grad is None else grad
-            main.grad = grad if grad is None or main is param else grad.float()
+            grad = grad if grad is None or main is param else grad.float()
+            if grad is None or grad.dtype == main.dtype:
+                main.grad = grad
+            self._grads.append(grad)
         return False
 
     @torch.no_grad()
     def step_with_ready_grads(self) -> bool:
         """The one Scion step (check grads -> momentum -> exchange -> update), then the model
         params refreshed from the fp32 ones; False if it was skipped."""
-        self._last_step = self.optimizer.step()
-        if self._last_step.stepped:
+        self._last_step = self.optimizer.step(self._grads or None)
+        if self._last_step.stepped and not self.optimizer.sharded:
             self._copy_main_to_model()
         return self._last_step.stepped
 
@@ -161,12 +177,16 @@ class ScionOptimizer(MegatronOptimizer):
 
     @torch.no_grad()
     def _copy_main_to_model(self) -> None:
+        if self.optimizer.sharded:
+            self.optimizer.write_masters_to_params()
         for param, main in self._pairs():
             if main is not param:
                 param.copy_(main)
 
     @torch.no_grad()
     def reload_model_params(self, state_dict: Optional[dict] = None) -> None:
+        if self.optimizer.sharded:
+            self.optimizer.gather_masters()
         for param, main in self._pairs():
             if main is not param:
                 main.copy_(param)
@@ -182,6 +202,10 @@ class ScionOptimizer(MegatronOptimizer):
                 "main_params": {i: m for i, (p, m) in enumerate(self._pairs()) if m is not p}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A ``sharded_state_dict`` loaded by dist_checkpointing (any layout), or a ``state_dict``
+        (same layout only)."""
+        if state_dict.get("format") == DIST_FORMAT:
+            return self._load_matrices(state_dict)
         _check_format(state_dict)
         if "fingerprint" in state_dict and state_dict["fingerprint"] != self.optimizer.plan.fingerprint:
             raise ValueError(
@@ -202,16 +226,70 @@ class ScionOptimizer(MegatronOptimizer):
 
     def sharded_state_dict(self, model_sharded_state_dict: ShardedStateDict,
                            is_loading: bool = False, metadata: Optional[dict] = None) -> ShardedStateDict:
-        """Momentum (and fp32 masters) as ShardedTensors with their parameters' metadata."""
-        if is_loading:
-            self.optimizer.init_state()
-        state = self.optimizer.state_dict()
-        for index, (param, main) in enumerate(self._pairs()):
-            if main is not param:
-                state["state"].setdefault(index, {})["fp32_param"] = main
-        id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
-        optim_state_to_sharding_state(state, id_to_sharded)
-        return {"format": STATE_FORMAT, "optimizer": state}
+        """Momentum (and the fp32 masters of params that are not fp32) as blocks of one global
+        tensor per logical matrix, keyed by the parameter's checkpoint key and the matrix."""
+        self.optimizer.init_state()
+        model_tensors = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
+        state = {}
+        for index, piece in enumerate(self._state_pieces()):
+            if piece.param not in model_tensors:
+                raise ValueError(f"{self.optimizer.layouts[piece.param].name}: not in the model's sharded state "
+                                 "dict, so its Scion state has no checkpoint key")
+            frame = _frame(model_tensors[piece.param])
+            shared = frame.replica_id[0] if isinstance(frame.replica_id, tuple) else 0
+            name = _matrix_name(frame.key, self.optimizer.layouts[piece.param].name, piece.matrix.key)
+            layers = frame.prepend_axis_num
+            fragments = None if piece.fragments is None or frame.axis_fragmentations is None \
+                else frame.axis_fragmentations[:layers] + piece.fragments
+            state[index] = {
+                kind: ShardedTensor(f"optimizer.state.{kind}.{name}", tensor.contiguous(), tensor.dtype,
+                                    piece.local_shape, frame.global_shape[:layers] + piece.matrix.shape,
+                                    frame.global_offset[:layers] + piece.global_offset, fragments,
+                                    replica_id=(shared, *piece.replica), prepend_axis_num=layers,
+                                    allow_shape_mismatch=frame.allow_shape_mismatch)
+                for kind, tensor in self._piece_tensors(piece).items()}
+        groups = deepcopy([{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups])
+        return {"format": DIST_FORMAT, "param_groups": groups, "state": state}
+
+    def _state_pieces(self) -> list[StatePiece]:
+        groups = self.optimizer.groups
+        return state_pieces(self.optimizer.plan, self.optimizer.layouts, tp_rank=dist.get_rank(groups.tp),
+                            dp_rank=dist.get_rank(groups.dp), slot=self.optimizer.dualizer.me)
+
+    def _piece_tensors(self, piece: StatePiece) -> dict[str, torch.Tensor]:
+        """The state tensors of one piece (the fp32 master only for params that are not fp32)."""
+        param = self.model_params[piece.param]
+        with_master = param.dtype != torch.float32 or is_quantized(param)
+        if self.optimizer.sharded:
+            owned = self.optimizer.owned[piece.matrix.key]
+            return {MOMENTUM: owned.momentum, **({MASTER: owned.master} if with_master else {})}
+        main = self.main_params[piece.param]
+        momentum = self.optimizer.state[main][MOMENTUM]
+        return {MOMENTUM: piece_of(momentum, piece.matrix),
+                **({MASTER: piece_of(main, piece.matrix)} if with_master else {})}
+
+    @torch.no_grad()
+    def _load_matrices(self, state_dict: dict[str, Any]) -> None:
+        """Write the loaded blocks back (they may be copies of what ``sharded_state_dict`` handed
+        out). Sharded mode: the owners of fp32 params' matrices, whose masters the checkpoint
+        does not hold, re-take them from the loaded model weights."""
+        by_name = {g["name"]: g for g in state_dict["param_groups"]}
+        for group in self.optimizer.param_groups:
+            group.update({k: v for k, v in by_name[group["name"]].items() if k != "params"})
+        pieces = self._state_pieces()
+        if self.optimizer.sharded:
+            self.optimizer.gather_masters(keep={p.matrix.key for i, p in enumerate(pieces)
+                                                if MASTER in state_dict["state"][i]})
+        for index, piece in enumerate(pieces):
+            saved = state_dict["state"][index]
+            for kind, target in self._piece_tensors(piece).items():
+                if self.optimizer.sharded:
+                    target.copy_(saved[kind])
+                else:
+                    held = self.optimizer.state[self.main_params[piece.param]][MOMENTUM] if kind == MOMENTUM \
+                        else self.main_params[piece.param]
+                    write_piece(held, piece.matrix, saved[kind])
+        self._copy_main_to_model()
 
 
 def _check_format(state_dict: dict[str, Any]) -> None:
@@ -220,6 +298,21 @@ def _check_format(state_dict: dict[str, Any]) -> None:
             "the checkpoint's optimizer state is not Scion momentum (format "
             f"{state_dict.get('format')!r}, expected {STATE_FORMAT!r}); resume with the optimizer "
             "it was saved with or pass --no-load-optim")
+
+
+def _frame(model_tensor: ShardedTensor | ShardedTensorFactory) -> ShardedTensor:
+    """The model's checkpoint tensor of a parameter (a factory's first, under the factory's key):
+    its key, prepended layer axes, replica id and shape-mismatch rule frame its matrices' state."""
+    if isinstance(model_tensor, ShardedTensorFactory):
+        built = model_tensor.build()
+        return replace(built[0] if isinstance(built, list) else next(iter(built.values())), key=model_tensor.key)
+    return model_tensor
+
+
+def _matrix_name(param_key: str, layout_name: str, matrix_key: str) -> str:
+    """A logical matrix's checkpoint name: its parameter's checkpoint key (global layer numbers)
+    and what its key adds to the parameter's name (":q", ":gate"; nothing for a whole tensor)."""
+    return param_key + matrix_key[matrix_key.index(layout_name) + len(layout_name):]
 
 
 def _with_chunk_keys(layout: ParamLayout, chunk: int) -> ParamLayout:

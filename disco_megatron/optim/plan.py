@@ -13,6 +13,13 @@ ties by key), each to the least-loaded slot (ties by slot). Every rank of a pipe
 builds its plan from the same inputs and gets the same buckets and owners, so no rank has to
 tell another who owns what; :attr:`ExchangePlan.fingerprint` hashes those inputs and the optimizer compares it
 across ranks once, so a disagreement fails with a message instead of a hang.
+
+``dp_mode="sharded"``: every logical matrix of the stage has exactly one owner slot among the
+TP×DP ranks (slot = dp rank · TP + tp rank, megatron's order), which holds its momentum and fp32
+master. Nothing is dualized in place. Row-local maps on whole or row-sharded matrices (vocab rows)
+become :class:`RowBlocks`: each TP piece's rows split evenly over the DP replicas of that TP rank
+(over all TP×DP slots for a matrix whole on every TP rank), so they need no gather and their state
+spreads evenly; every other matrix goes whole to one LPT-chosen owner through a bucket.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from disco_megatron.optim.layout import LogicalMatrix, ParamLayout, needs_whole
+from disco_megatron.optim.layout import LogicalMatrix, ParamLayout, needs_whole, row_blockable
 from disco_megatron.optim.newton_schulz import ns_flops
 from disco_megatron.scion_options import DEFAULTS, NS_DTYPE_OTHER, NS_DTYPES, check_option, check_parallel_modes
 
@@ -102,12 +109,30 @@ class Bucket:
     concat_dim: int
     entries: tuple[PlannedMatrix, ...]
     owners: tuple[int, ...]
+    split: int
 
-    def piece_shape(self, tp_size: int) -> tuple[int, ...]:
-        """Shape of one TP rank's piece of each matrix (storage layout, pieces concatenated)."""
+    @property
+    def piece_shape(self) -> tuple[int, ...]:
+        """Shape of one TP rank's piece of each matrix (``split`` pieces concatenated make it;
+        split 1: every TP rank holds it whole)."""
         piece = list(self.shape)
-        piece[self.concat_dim] //= tp_size
+        piece[self.concat_dim] //= self.split
         return tuple(piece)
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """Sharded mode: a row-locally dualized matrix whose piece's rows [bounds[j], bounds[j+1])
+    are owned by slot ``owners[j]``; the owners are exactly the slots that hold this piece."""
+
+    lmo: str
+    entry: PlannedMatrix
+    bounds: tuple[int, ...]
+    owners: tuple[int, ...]
+
+    def rows_of(self, slot: int) -> tuple[int, int] | None:
+        """The piece rows ``slot`` owns (None: it owns none)."""
+        return next(((self.bounds[j], self.bounds[j + 1]) for j, o in enumerate(self.owners) if o == slot), None)
 
 
 @dataclass(frozen=True)
@@ -116,8 +141,9 @@ class ExchangePlan:
 
     ``slots``: ranks of the exchange group (the TP group; TP×DP when ``dp_mode`` is sharded).
     ``in_place``: this rank's matrices dualized in storage layout (row-local LMOs on row shards,
-    unsharded tensors, or everything in ``local`` mode), by LMO. ``buckets``: the matrices that go
-    to compute layout; they and ``fingerprint`` are equal on every rank of the exchange group.
+    unsharded tensors, or everything in ``local`` mode), by LMO; empty when sharded. ``buckets``:
+    the matrices that go to compute layout; they and ``fingerprint`` are equal on every rank of
+    the exchange group. ``row_blocks`` (sharded only): this rank's row-blocked matrices.
     """
 
     tp_mode: str
@@ -129,6 +155,7 @@ class ExchangePlan:
     slots: int
     in_place: tuple[InPlace, ...]
     buckets: tuple[Bucket, ...]
+    row_blocks: tuple[RowBlocks, ...]
     fingerprint: int
 
     @property
@@ -144,6 +171,14 @@ class ExchangePlan:
         """max/mean dualize cost over the slots (1.0 = perfect; owner mode)."""
         return plan_balance(self.owners, self.costs(), list(range(self.slots)))
 
+    def owned_numel(self, slot: int) -> int:
+        """Elements of the logical matrices (and row blocks) whose state ``slot`` holds (sharded
+        mode; the row blocks counted are this rank's TP piece's, so ask for this rank's slot)."""
+        whole = sum(math.prod(b.shape) for b in self.buckets for o in b.owners if o == slot)
+        blocks = sum((rows[1] - rows[0]) * math.prod(rb.entry.matrix.shape[1:])
+                     for rb in self.row_blocks if (rows := rb.rows_of(slot)) is not None)
+        return whole + blocks
+
 
 def _exchanged(matrix: LogicalMatrix, lmo: str, tp_mode: str, dp_mode: str, tp_size: int) -> bool:
     """Whether a matrix goes to compute layout through the exchange (else it is dualized in place).
@@ -153,17 +188,37 @@ def _exchanged(matrix: LogicalMatrix, lmo: str, tp_mode: str, dp_mode: str, tp_s
     """
     if tp_mode == "local":
         return False
-    return needs_whole(matrix, lmo) or (dp_mode == "sharded" and tp_size == 1 and lmo == "spectral")
+    return needs_whole(matrix, lmo) or dp_mode == "sharded"
 
 
-def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size: int = 1,
+def _row_blocks(entry: PlannedMatrix, lmo: str, tp_size: int, tp_rank: int, dp_size: int) -> RowBlocks:
+    """Sharded mode: split the piece's rows over the DP replicas of this TP rank (a row shard),
+    or over every slot (a matrix whole on every TP rank), in near-equal contiguous blocks."""
+    rows = sum(b - a for a, b in entry.matrix.local_rows)
+    owners = tuple(range(tp_size * dp_size)) if entry.matrix.local \
+        else tuple(d * tp_size + tp_rank for d in range(dp_size))
+    n = len(owners)
+    return RowBlocks(lmo, entry, tuple(j * rows // n for j in range(n + 1)), owners)
+
+
+def _check_sharded(layouts: Sequence[ParamLayout], tp_size: int) -> None:
+    """Sharded mode needs every matrix to be the same on every TP rank (a per-head split is not)."""
+    for layout in layouts:
+        if tp_size > 1 and layout.partition_dim is not None and any(m.local for m in layout.matrices):
+            raise ValueError(f"{layout.name}: --scion-qkv-split head at --tensor-model-parallel-size > 1 gives "
+                             "each TP rank its own matrices, which --scion-dp-mode sharded cannot spread over "
+                             "TP×DP; use --scion-qkv-split qkv (or fused) or --scion-dp-mode replicated")
+
+
+def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size: int = 1, tp_rank: int = 0,
                         tp_mode: str = DEFAULTS.tp_mode, dp_mode: str = DEFAULTS.dp_mode,
                         ns_backend: str = DEFAULTS.ns_backend, ns_steps: int = DEFAULTS.ns_steps,
                         ns_dtype: str = NS_DTYPE_OTHER) -> ExchangePlan:
     """The plan for the parameter shards ``layouts`` of one rank (pure; see the module docstring).
 
     ``ns_dtype`` is the resolved Newton–Schulz precision (``scion_options.ns_dtype_for``): part of
-    the fingerprint, so ranks that would round differently refuse to run together.
+    the fingerprint, so ranks that would round differently refuse to run together. ``tp_rank``
+    (this rank's) only places the owners of row blocks in sharded mode.
 
     The buckets hold only matrices that are not local to a rank, whose keys and shapes are the
     same on every TP rank, so every rank of the exchange group gets the same buckets and owners.
@@ -173,25 +228,33 @@ def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size
     check_option("ns_steps", ns_steps)
     if ns_dtype not in NS_DTYPES:
         raise ValueError(f"--scion-ns-dtype {ns_dtype}: choose one of {', '.join(NS_DTYPES)}")
-    whole: dict[tuple[str, tuple[int, ...], int], list[PlannedMatrix]] = {}
+    sharded = dp_mode == "sharded"
+    if sharded:
+        _check_sharded(layouts, tp_size)
+    whole: dict[tuple[str, tuple[int, ...], int, int], list[PlannedMatrix]] = {}
     in_place: dict[str, list[PlannedMatrix]] = {}
+    row_blocks: list[RowBlocks] = []
     for index, layout in enumerate(layouts):
         for matrix in layout.matrices:
-            if _exchanged(matrix, layout.lmo, tp_mode, dp_mode, tp_size):
-                spec = (layout.lmo, matrix.shape, matrix.concat_dim)
-                whole.setdefault(spec, []).append(PlannedMatrix(index, matrix))
+            entry = PlannedMatrix(index, matrix)
+            if sharded and row_blockable(matrix, layout.lmo):
+                row_blocks.append(_row_blocks(entry, layout.lmo, tp_size, tp_rank, dp_size))
+            elif _exchanged(matrix, layout.lmo, tp_mode, dp_mode, tp_size):
+                spec = (layout.lmo, matrix.shape, matrix.concat_dim, 1 if matrix.local else tp_size)
+                whole.setdefault(spec, []).append(entry)
             else:
-                in_place.setdefault(layout.lmo, []).append(PlannedMatrix(index, matrix))
+                in_place.setdefault(layout.lmo, []).append(entry)
     grouped = sorted((spec, tuple(sorted(entries, key=lambda e: e.matrix.key))) for spec, entries in whole.items())
-    slots = tp_size * dp_size if dp_mode == "sharded" else tp_size
-    owners = plan_owners([(e.matrix.key, *plan_size(e.matrix, lmo)) for (lmo, _, _), entries in grouped
+    slots = tp_size * dp_size if sharded else tp_size
+    owners = plan_owners([(e.matrix.key, *plan_size(e.matrix, spec[0])) for spec, entries in grouped
                           for e in entries], list(range(slots))) if tp_mode == "owner" else {}
-    buckets = tuple(Bucket(lmo, shape, cdim, entries, tuple(owners[e.matrix.key] for e in entries) if owners else ())
-                    for (lmo, shape, cdim), entries in grouped)
+    buckets = tuple(Bucket(lmo, shape, cdim, entries, tuple(owners[e.matrix.key] for e in entries) if owners else (),
+                           split) for (lmo, shape, cdim, split), entries in grouped)
     specs = tuple((*spec, tuple(e.matrix.key for e in entries)) for spec, entries in grouped)
+    blocked = tuple((rb.lmo, rb.entry.matrix.key, rb.entry.matrix.shape, len(rb.owners)) for rb in row_blocks)
     return ExchangePlan(tp_mode=tp_mode, dp_mode=dp_mode, ns_backend=ns_backend, ns_steps=ns_steps,
                         ns_dtype=ns_dtype, tp_size=tp_size,
                         slots=slots, in_place=tuple(InPlace(lmo, tuple(e)) for lmo, e in in_place.items()),
-                        buckets=buckets,
+                        buckets=buckets, row_blocks=tuple(row_blocks),
                         fingerprint=plan_fingerprint(tp_mode, dp_mode, ns_backend, ns_steps, ns_dtype, tp_size,
-                                                     specs))
+                                                     specs, blocked))

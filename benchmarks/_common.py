@@ -37,8 +37,6 @@ PRESETS: dict[str, ModelConfig] = {
                          ffn_hidden_size=2048, vocab_size=32000, seq_length=1024),
     "gpt24": ModelConfig(num_layers=24, hidden_size=768, num_attention_heads=12, num_query_groups=4,
                          ffn_hidden_size=2048, vocab_size=32000, seq_length=1024),
-    "quickstart": ModelConfig(num_layers=4, hidden_size=192, num_attention_heads=4, num_query_groups=2,
-                              ffn_hidden_size=512, vocab_size=4096, seq_length=128),
     "small": ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
                          ffn_hidden_size=704, vocab_size=8192, seq_length=128),
     # examples/quickstart.sh's model.

@@ -15,6 +15,8 @@ All backends batch over leading dimensions: a stack ``[..., m, n]`` costs one ca
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -63,17 +65,28 @@ def _default_dtype(G: Tensor) -> torch.dtype:
 
 def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], scale: float,
                    dtype: torch.dtype) -> Tensor:
-    """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, one (a, b, c) per step, from X = G/(s·‖G‖_F)."""
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        # Iterate on the short side: X·Xᵀ is min(m, n)² instead of max(m, n)².
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
+    """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, one (a, b, c) per step, from X = G/(s·‖G‖_F).
+
+    Speed (one thread, fp32, as fast as megatron Muon's ``newton_schulz``): a tall input is
+    copied once, transposed, into a contiguous wide buffer (X·Xᵀ is then min(m, n)² and every
+    product reads rows); each step is one ``bmm`` and two fused ``baddbmm`` into buffers
+    allocated once (b·A + c·A·A and a·X + B·X without temporaries).
+    """
+    tall = G.size(-2) > G.size(-1)
+    wide = G.mT if tall else G
+    k, n = wide.shape[-2:]
+    X = torch.empty((math.prod(wide.shape[:-2]), k, n), dtype=dtype, device=G.device)
+    X.view(wide.shape).copy_(wide)
+    X.div_(X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
+    A = torch.empty((X.size(0), k, k), dtype=dtype, device=G.device)
+    B = torch.empty_like(A)
+    Y = torch.empty_like(X)
     for a, b, c in coefficients:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        torch.bmm(X, X.mT, out=A)
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        torch.baddbmm(X, B, X, beta=a, out=Y)
+        X, Y = Y, X
+    X = X.view(wide.shape)
     return X.mT if tall else X
 
 

@@ -174,6 +174,17 @@ def _owner_breakdown(dualizer: Any, momenta: list[torch.Tensor], steps: int) -> 
     return best
 
 
+def _owner_ops(dualizer: Any, momenta: list[torch.Tensor], top: int = 12) -> list[dict]:
+    """One owner step under ``torch.profiler`` on this rank: the ``top`` aten ops by self CPU time
+    (which copies — cat, stack, copy_, mul, reshape/contiguous — cost how much next to the products)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        dualizer(momenta)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in events[:top]]
+
+
 def step_worker(rank: int, world: int, cfg: ModelConfig, steps: int, with_peer: bool, out: str) -> None:
     """Our dualizer (owner/duplicated × qkv/fused) and the peer's newton_schulz_tp on TP=world."""
     import torch.distributed as dist
@@ -201,6 +212,7 @@ def step_worker(rank: int, world: int, cfg: ModelConfig, steps: int, with_peer: 
                 report["owner_stages_ms"][split] = {k: 1e3 * v for k, v in
                                                     _owner_breakdown(dualizer, momenta, steps).items()}
                 report.setdefault("plan_balance", {})[split] = plan.balance()
+                report.setdefault("owner_ops", {})[split] = _owner_ops(dualizer, momenta)
     report["owner_vs_duplicated_max_abs_diff"] = max(
         float((a - b).abs().max()) for split in QKV_SPLITS
         for a, b in zip(results[(split, "owner")], results[(split, "duplicated")]))
@@ -233,6 +245,7 @@ def summarize_step(tp: int, reports: list[dict]) -> dict:
         stages[split] = {**slowest, "copies": slowest["gather_to_owners"] + slowest["scatter_to_shards"]
                          - slowest.get("all_to_all", 0.0)}
     result["owner_stages_ms"] = stages
+    result["owner_ops_by_rank"] = [r["owner_ops"] for r in reports]
     if "peer distributed" in ms:
         result["ratios"] = {f"ours {mode} {split} / peer {peer_mode}": ms[f"ours {mode} {split}"] / ms[f"peer {peer_mode}"]
                             for split in QKV_SPLITS for mode in OUR_MODES for peer_mode in PEER_MODES}
@@ -288,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                        [(r["tp"], s, *(r["owner_stages_ms"][s].get(k) for k in
                                        ("gather_to_owners", "dualize", "scatter_to_shards", "all_to_all", "copies")),
                          r["plan_balance"][s]) for r in step_results for s in QKV_SPLITS]))
+    for r in step_results:
+        for split in QKV_SPLITS:
+            ops = max(r["owner_ops_by_rank"], key=lambda ops: sum(o["self_ms"] for o in ops[split]))[split]
+            print(f"TP{r['tp']} owner {split}, busiest rank, top aten ops by self CPU time (one step, profiled):")
+            print(format_table(["op", "calls", "self ms"], [(o["op"], o["calls"], o["self_ms"]) for o in ops]))
     print("max |owner - duplicated| =", max(r["owner_vs_duplicated_max_abs_diff"] for r in step_results))
     path = write_result("peer_muon", {"quick": args.quick, "peer": f"emerging-optimizers {PEER_VERSION}"
                                       if peer is not None else None, "model": describe(cfg), "ns_steps": NS_STEPS,

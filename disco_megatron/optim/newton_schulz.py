@@ -69,22 +69,25 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
 
     Speed (one thread, fp32, as fast as megatron Muon's ``newton_schulz``): a tall input is
     copied once, transposed, into a contiguous wide buffer (X·Xᵀ is then min(m, n)² and every
-    product reads rows); each step is one ``bmm`` and two fused ``baddbmm`` into buffers
-    allocated once (b·A + c·A·A and a·X + B·X without temporaries).
+    product reads rows); each step is one product and two fused ones (b·A + c·A·A and
+    a·X + B·X, as ``addmm``, or ``baddbmm`` for a stack) into buffers allocated once.
     """
     tall = G.size(-2) > G.size(-1)
     wide = G.mT if tall else G
     k, n = wide.shape[-2:]
-    X = torch.empty((math.prod(wide.shape[:-2]), k, n), dtype=dtype, device=G.device)
+    count = math.prod(wide.shape[:-2])
+    shape = (k, n) if count == 1 else (count, k, n)  # one matrix: mm/addmm, the fastest kernels
+    mm, addmm = (torch.mm, torch.addmm) if count == 1 else (torch.bmm, torch.baddbmm)
+    X = torch.empty(shape, dtype=dtype, device=G.device)
     X.view(wide.shape).copy_(wide)
     X.div_(X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
-    A = torch.empty((X.size(0), k, k), dtype=dtype, device=G.device)
+    A = torch.empty((*shape[:-1], k), dtype=dtype, device=G.device)
     B = torch.empty_like(A)
     Y = torch.empty_like(X)
     for a, b, c in coefficients:
-        torch.bmm(X, X.mT, out=A)
-        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
-        torch.baddbmm(X, B, X, beta=a, out=Y)
+        mm(X, X.mT, out=A)
+        addmm(A, A, A, beta=b, alpha=c, out=B)
+        addmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
     X = X.view(wide.shape)
     return X.mT if tall else X

@@ -252,32 +252,18 @@ def summarize_step(tp: int, reports: list[dict]) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model and shapes, TP2, ours only (the test's mode; runs without the peer)")
-    parser.add_argument("--tp", type=int, nargs="+", default=[2, 4], help="TP sizes of the step part (one world each)")
-    parser.add_argument("--layers", type=int, default=PEER_MODEL.num_layers, help="layers of the step part's model")
-    parser.add_argument("--repeats", type=int, default=5, help="single-matrix runs per shape (min is reported)")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per implementation (min is reported)")
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    peer = None if args.quick else load_peer()
-    if peer is None:
-        print(INSTALL)
-        if not args.quick:
-            return 0
-    tiny = PRESETS["tiny"]
-    cfg = tiny if args.quick else replace(PEER_MODEL, num_layers=args.layers)
-    tps = [2] if args.quick else args.tp
-    repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
-    shapes = spectral_shapes(tiny) if args.quick else ISSUE_SHAPES + [
-        s for s in spectral_shapes(QUICKSTART_MODEL) if s not in ISSUE_SHAPES]
+def single_part(shapes: list[tuple[int, int]], repeats: int, peer: types.ModuleType | None) -> list[dict]:
+    """Part 1: time and print the single-matrix table."""
     print(f"single matrix: NS5 {NS_STEPS} steps, fp32, one thread, min of {repeats}")
     single = single_matrix_times(shapes, repeats, peer)
     print(format_table(["shape", "ours ms", "peer ms", "ours/peer", "max |diff|"],
                        [("x".join(map(str, r["shape"])), r["ours_ms"], r.get("peer_ms"), r.get("ours_over_peer"),
                          r.get("max_abs_diff")) for r in single]))
+    return single
+
+
+def step_part(cfg: ModelConfig, tps: list[int], steps: int, peer: types.ModuleType | None) -> list[dict]:
+    """Part 2: one gloo world per TP size; print times, ratios, the owner step's stages and ops."""
     print(f"optimizer step of the hidden matrices: {describe(cfg)}; NS5 {NS_STEPS} steps fp32; gloo, one "
           f"thread per rank; min of {steps} steps, max over ranks")
     step_results = []
@@ -307,10 +293,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"TP{r['tp']} owner {split}, busiest rank, top aten ops by self CPU time (one step, profiled):")
             print(format_table(["op", "calls", "self ms"], [(o["op"], o["calls"], o["self_ms"]) for o in ops]))
     print("max |owner - duplicated| =", max(r["owner_vs_duplicated_max_abs_diff"] for r in step_results))
+    return step_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model and shapes, TP2, ours only (the test's mode; runs without the peer)")
+    parser.add_argument("--tp", type=int, nargs="+", default=[2, 4], help="TP sizes of the step part (one world each)")
+    parser.add_argument("--layers", type=int, default=PEER_MODEL.num_layers, help="layers of the step part's model")
+    parser.add_argument("--repeats", type=int, default=5, help="single-matrix runs per shape (min is reported)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per implementation (min is reported)")
+    parser.add_argument("--only", choices=("single", "step"), default=None,
+                        help="run only the single-matrix or the optimizer-step part (default both)")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    peer = None if args.quick else load_peer()
+    if peer is None:
+        print(INSTALL)
+        if not args.quick:
+            return 0
+    tiny = PRESETS["tiny"]
+    cfg = tiny if args.quick else replace(PEER_MODEL, num_layers=args.layers)
+    tps = [2] if args.quick else args.tp
+    repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
+    shapes = spectral_shapes(tiny) if args.quick else ISSUE_SHAPES + [
+        s for s in spectral_shapes(QUICKSTART_MODEL) if s not in ISSUE_SHAPES]
+    single = single_part(shapes, repeats, peer) if args.only in (None, "single") else None
+    steps_result = step_part(cfg, tps, steps, peer) if args.only in (None, "step") else None
     path = write_result("peer_muon", {"quick": args.quick, "peer": f"emerging-optimizers {PEER_VERSION}"
                                       if peer is not None else None, "model": describe(cfg), "ns_steps": NS_STEPS,
                                       "repeats": repeats, "steps": steps, "single_matrix": single,
-                                      "optimizer_step": step_results}, args.out or RESULTS_DIR)
+                                      "optimizer_step": steps_result}, args.out or RESULTS_DIR)
     print(f"wrote {path}")
     return 0
 

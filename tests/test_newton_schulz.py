@@ -73,14 +73,16 @@ KERNEL_CASES = {"ns5": ([NS5_COEFFICIENTS] * 5, 1.0),
 @pytest.mark.parametrize("shape", [(48, 112), (112, 48), (2, 3, 40, 72), (2, 72, 40)])
 def test_kernel_equals_textbook_iteration(backend, shape):
     """The fused, buffer-reusing kernel computes the textbook polynomial: to fp64 round-off in fp64,
-    to fp32 round-off in fp32 (wide, tall and batched stacks alike; the input is left untouched)."""
+    to fp32 round-off in fp32 (wide, tall and batched stacks alike; the input is left untouched, the
+    result is contiguous)."""
     # ×1e8: the kernel's zero guard (‖G‖ + 1e-7) then sits below fp64 round-off.
     G = 1e8 * torch.randn(*shape, generator=_gen(12), dtype=torch.float64)
     flat = G.reshape(-1, *shape[-2:])
     reference = torch.stack([_textbook(g, *KERNEL_CASES[backend]) for g in flat]).reshape(shape)
     before = G.clone()
-    torch.testing.assert_close(orthogonalize(G, backend), reference, rtol=0, atol=2e-14)  # measured <= 4e-15
-    assert torch.equal(G, before)
+    X = orthogonalize(G, backend)
+    torch.testing.assert_close(X, reference, rtol=0, atol=2e-14)  # measured <= 4e-15
+    assert torch.equal(G, before) and X.is_contiguous()  # tall results too: no copy to slice rows
     # fp32: entries ~1/sqrt(min side) ~ 0.15, 5 steps of 3 products each; measured <= 1.4e-6.
     torch.testing.assert_close(orthogonalize(G.float(), backend), reference.float(), rtol=0, atol=1e-5)
 

@@ -69,8 +69,10 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
 
     Speed (one thread, fp32, as fast as megatron Muon's ``newton_schulz``): a tall input is
     copied once, transposed, into a contiguous wide buffer (X·Xᵀ is then min(m, n)² and every
-    product reads rows); each step is one product and two fused ones (b·A + c·A·A and
-    a·X + B·X, as ``addmm``, or ``baddbmm`` for a stack) into buffers allocated once.
+    product reads rows), and its last step writes straight back into G's orientation, so the
+    result is contiguous either way (the optimizer then slices its row pieces without copies);
+    each step is one product and two fused ones (b·A + c·A·A and a·X + B·X, as ``addmm``, or
+    ``baddbmm`` for a stack) into buffers allocated once.
     """
     tall = G.size(-2) > G.size(-1)
     wide = G.mT if tall else G
@@ -84,13 +86,15 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
     A = torch.empty((*shape[:-1], k), dtype=dtype, device=G.device)
     B = torch.empty_like(A)
     Y = torch.empty_like(X)
-    for a, b, c in coefficients:
+    for step, (a, b, c) in enumerate(coefficients):
         mm(X, X.mT, out=A)
         addmm(A, A, A, beta=b, alpha=c, out=B)
+        if tall and step == len(coefficients) - 1:
+            # (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B (B is symmetric): the same products, written tall.
+            return addmm(X.mT, X.mT, B, beta=a, out=Y.view(*shape[:-2], n, k)).view(G.shape)
         addmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
-    X = X.view(wide.shape)
-    return X.mT if tall else X
+    return X.view(G.shape)
 
 
 def _svd_polar(G: Tensor, dtype: torch.dtype) -> Tensor:

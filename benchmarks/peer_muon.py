@@ -90,6 +90,32 @@ def spectral_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
                    for m in layout.matrices if len(m.shape) == 2})
 
 
+def iteration_flops(k: int, n: int) -> int:
+    """Flops of one NS step on a k×n X as the kernels run it: X·Xᵀ, A·A, B·X (2·k²n + 2·k³ + 2·k²n)."""
+    return 4 * k * k * n + 2 * k**3
+
+
+def flop_floors(cfg: ModelConfig, tp: int) -> dict[str, float]:
+    """Ours over the peer in NS flops of the busiest rank at perfect balance: the best ratio
+    the step can reach with equally fast kernels and free communication. Ours runs every
+    logical matrix once, short side first, spread over the TP ranks; the peer's ``distributed``
+    runs each rank's shard (transposed when split along dim 0, as ``newton_schulz_tp`` does),
+    its ``duplicated`` every whole megatron matrix on every rank."""
+    full = {name: stage_layouts(cfg, 1, 0)[name].local_shape for name in hidden_matrices(cfg)}
+    peer_distributed = 0
+    for name, (rows, cols) in full.items():
+        k, n = (cols, rows // tp) if tp_partition_dim(name) == 0 else (rows, cols // tp)
+        peer_distributed += iteration_flops(k, n)
+    peer_duplicated = sum(iteration_flops(min(shape), max(shape)) for shape in full.values())
+    floors = {}
+    for split in QKV_SPLITS:
+        ours = sum(iteration_flops(min(m.shape), max(m.shape)) for name, layout in stage_layouts(cfg, 1, 0, split).items()
+                   if name in full for m in layout.matrices) / tp
+        floors |= {f"owner {split} / peer {mode}": ours / peer for mode, peer in
+                   (("distributed", peer_distributed), ("duplicated", peer_duplicated))}
+    return floors
+
+
 def single_matrix_times(shapes: list[tuple[int, int]], repeats: int, peer: types.ModuleType | None) -> list[dict]:
     """min-of-``repeats`` ms of ours and the peer per shape, runs interleaved (fair under load)."""
     torch.set_num_threads(1)
@@ -271,16 +297,20 @@ def step_part(cfg: ModelConfig, tps: list[int], steps: int, peer: types.ModuleTy
         for tp in tps:
             path = str(Path(tmp, f"tp{tp}.json"))
             run_workers(step_worker, tp, cfg, steps, peer is not None, path)
-            step_results.append(summarize_step(tp, json.loads(Path(path).read_text())))
+            step_results.append({**summarize_step(tp, json.loads(Path(path).read_text())),
+                                 "flop_floor": flop_floors(cfg, tp)})
     names = [f"ours {mode} {split}" for split in QKV_SPLITS for mode in OUR_MODES]
     names += [f"peer {mode}" for mode in PEER_MODES] if peer is not None else []
     print(format_table(["TP", *[f"{n} ms" for n in names]], [(r["tp"], *(r["ms"][n] for n in names))
                                                            for r in step_results]))
+    ratio_names = [f"owner {s} / peer {p}" for s in QKV_SPLITS for p in PEER_MODES]
     if peer is not None:
-        print(format_table(["TP", "owner qkv / peer distributed", "owner qkv / peer duplicated",
-                            "owner fused / peer distributed", "owner fused / peer duplicated"],
-                           [(r["tp"], *(r["ratios"][f"ours owner {s} / peer {p}"] for s in QKV_SPLITS
-                                        for p in PEER_MODES)) for r in step_results]))
+        print("measured time ratios")
+        print(format_table(["TP", *ratio_names], [(r["tp"], *(r["ratios"][f"ours {n}"] for n in ratio_names))
+                                                  for r in step_results]))
+    print("flop floors: the same ratios in NS flops of the busiest rank at perfect balance (equal kernels, free exchange)")
+    print(format_table(["TP", *ratio_names], [(r["tp"], *(r["flop_floor"][n] for n in ratio_names))
+                                              for r in step_results]))
     print("owner step by stage, slowest rank (ms): copies = gather + scatter - all_to_all")
     print(format_table(["TP", "qkv split", "gather_to_owners", "dualize", "scatter_to_shards", "all_to_all",
                         "copies", "plan max/mean"],

@@ -113,6 +113,10 @@ def test_peer_muon_quick_times_ours(tmp_path: Path) -> None:
     assert set(step["ms"]) == {f"ours {m} {s}" for m in ("owner", "duplicated") for s in ("qkv", "fused")}
     assert all(0 < v < 60e3 for v in step["ms"].values())
     assert step["owner_vs_duplicated_max_abs_diff"] == 0.0
+    # NS flops per step of X k×n: 4k²n + 2k³, in units of 64³. Peer distributed at TP2 runs megatron's
+    # shards: qkv 64×64 (6), proj 64×32 (4), fc1 64×128 (10), fc2 64×64 (6) = 26; ours runs q (6),
+    # k and v 32×64 (1.25 each), proj (6), gate and up 64×128 (10 each), fc2 (10) = 44.5, halved.
+    assert step["flop_floor"]["owner qkv / peer distributed"] == pytest.approx(44.5 / 2 / 26)
     for stages in step["owner_stages_ms"].values():
         assert 0 < stages["all_to_all"] <= stages["gather_to_owners"] + stages["scatter_to_shards"]
         assert stages["dualize"] > 0

@@ -70,11 +70,11 @@ KERNEL_CASES = {"ns5": ([NS5_COEFFICIENTS] * 5, 1.0),
 
 
 @pytest.mark.parametrize("backend", KERNEL_CASES)
-@pytest.mark.parametrize("shape", [(48, 112), (112, 48), (2, 3, 40, 72), (2, 72, 40)])
+@pytest.mark.parametrize("shape", [(48, 112), (112, 48), (2, 3, 40, 72), (2, 72, 40), (256, 512), (2, 512, 256)])
 def test_kernel_equals_textbook_iteration(backend, shape):
     """The fused, buffer-reusing kernel computes the textbook polynomial: to fp64 round-off in fp64,
-    to fp32 round-off in fp32 (wide, tall and batched stacks alike; the input is left untouched, the
-    result is contiguous)."""
+    to fp32 round-off in fp32 (wide, tall and batched stacks alike, small ones fused and large ones
+    (>= 2^17 elements) with a·I folded into B; the input is left untouched, the result is contiguous)."""
     # ×1e8: the kernel's zero guard (‖G‖ + 1e-7) then sits below fp64 round-off.
     G = 1e8 * torch.randn(*shape, generator=_gen(12), dtype=torch.float64)
     flat = G.reshape(-1, *shape[-2:])

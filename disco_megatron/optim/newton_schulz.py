@@ -49,6 +49,10 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = tuple(
 ) + (_POLAR_EXPRESS_RAW[-1],)
 
 _NORM_EPS = 1e-7
+# Folding a·X into B (B + a·I, then X ← B·X) saves a fused addmm's copy of the k×n X but costs one
+# strided diagonal add. Measured (one thread, fp32), fold vs fused: +3% on a 96×192 X, even from 2^16
+# to 10^5 elements, −1.5% on 256×512 and 512×512.
+_FOLD_MIN_NUMEL = 1 << 17
 
 
 def ns_flops(m: int, n: int) -> int:
@@ -72,8 +76,8 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
     product reads rows), and its last step writes straight back into G's orientation, so the
     result is contiguous either way (the optimizer then slices its row pieces without copies).
     Each step is three products into buffers allocated once: A = X·Xᵀ; B = b·A + c·A·A fused
-    (``addmm``, ``baddbmm`` for a stack) plus a·I on its diagonal; X ← B·X as a plain product
-    (a·X folded into B saves the k×n copy a fused ``addmm`` makes of X).
+    (``addmm``, ``baddbmm`` for a stack); X ← a·X + B·X fused alike, or for a large X, a·I added
+    to B's diagonal and X ← B·X as a plain product (no copy of X inside the fused product).
     """
     tall = G.size(-2) > G.size(-1)
     wide = G.mT if tall else G
@@ -87,14 +91,20 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
     A = torch.empty((*shape[:-1], k), dtype=dtype, device=G.device)
     B = torch.empty_like(A)
     Y = torch.empty_like(X)
+    fold = k * n >= _FOLD_MIN_NUMEL
     for step, (a, b, c) in enumerate(coefficients):
         mm(X, X.mT, out=A)
         addmm(A, A, A, beta=b, alpha=c, out=B)
-        B.diagonal(dim1=-2, dim2=-1).add_(a)
+        if fold:
+            B.diagonal(dim1=-2, dim2=-1).add_(a)
         if tall and step == len(coefficients) - 1:
-            # (B·X)ᵀ = Xᵀ·B (B is symmetric): the same product, written tall.
-            return mm(X.mT, B, out=Y.view(*shape[:-2], n, k)).view(G.shape)
-        mm(B, X, out=Y)
+            # (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B (B is symmetric): the same products, written tall.
+            out = Y.view(*shape[:-2], n, k)
+            return (mm(X.mT, B, out=out) if fold else addmm(X.mT, X.mT, B, beta=a, out=out)).view(G.shape)
+        if fold:
+            mm(B, X, out=Y)
+        else:
+            addmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
     return X.view(G.shape)
 

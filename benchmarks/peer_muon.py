@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="single-matrix runs per shape (min is reported)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per implementation (min is reported)")
     parser.add_argument("--only", choices=("single", "step"), default=None,
-                        help="run only the single-matrix or the optimizer-step part (default both)")
+                        help="run only the single-matrix or the optimizer-step part (default both); "
+                             "writes peer_muon_<part>.json instead of peer_muon.json")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
     peer = None if args.quick else load_peer()
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         s for s in spectral_shapes(QUICKSTART_MODEL) if s not in ISSUE_SHAPES]
     single = single_part(shapes, repeats, peer) if args.only in (None, "single") else None
     steps_result = step_part(cfg, tps, steps, peer) if args.only in (None, "step") else None
-    path = write_result("peer_muon", {"quick": args.quick, "peer": f"emerging-optimizers {PEER_VERSION}"
+    name = "peer_muon" if args.only is None else f"peer_muon_{args.only}"  # a part alone keeps the full record
+    path = write_result(name, {"quick": args.quick, "peer": f"emerging-optimizers {PEER_VERSION}"
                                       if peer is not None else None, "model": describe(cfg), "ns_steps": NS_STEPS,
                                       "repeats": repeats, "steps": steps, "single_matrix": single,
                                       "optimizer_step": steps_result}, args.out or RESULTS_DIR)

@@ -82,9 +82,10 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
     tall = G.size(-2) > G.size(-1)
     wide = G.mT if tall else G
     k, n = wide.shape[-2:]
-    count = math.prod(wide.shape[:-2])
-    shape = (k, n) if count == 1 else (count, k, n)  # one matrix: mm/addmm, the fastest kernels
-    mm, addmm = (torch.mm, torch.addmm) if count == 1 else (torch.bmm, torch.baddbmm)
+    # A matrix takes mm/addmm, a stack (even of one) bmm/baddbmm, as before: a stacked matrix gets the
+    # same kernel whatever the count stacked with it (owner and duplicated modes stack different counts).
+    shape = (k, n) if G.dim() == 2 else (math.prod(wide.shape[:-2]), k, n)
+    mm, addmm = (torch.mm, torch.addmm) if G.dim() == 2 else (torch.bmm, torch.baddbmm)
     X = torch.empty(shape, dtype=dtype, device=G.device)
     X.view(wide.shape).copy_(wide)
     X.div_(X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)

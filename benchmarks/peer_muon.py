@@ -59,7 +59,7 @@ reuses this environment's torch and megatron-core (it declares Python >= 3.12 an
 than typing.override, which peer_muon.py takes from typing_extensions on 3.11):
 
     python3 -m venv --system-site-packages /path/to/peer-venv
-    /path/to/peer-venv/bin/pip install --ignore-requires-python --no-deps emerging-optimizers=={PEER_VERSION}
+    /path/to/peer-venv/bin/pip install --ignore-requires-python --no-deps emerging-optimizers=={PEER_VERSION} absl-py
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 /path/to/peer-venv/bin/python benchmarks/peer_muon.py"""
 
 

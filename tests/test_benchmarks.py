@@ -95,7 +95,7 @@ def test_peer_muon_without_the_peer_says_how_to_install_it(tmp_path: Path, monke
     assert peer_muon.main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "emerging-optimizers is not installed" in out
-    assert "pip install --ignore-requires-python --no-deps emerging-optimizers==0.3.0" in out
+    assert "pip install --ignore-requires-python --no-deps emerging-optimizers==0.3.0 absl-py" in out
     assert not (tmp_path / "peer_muon.json").exists()
 
 

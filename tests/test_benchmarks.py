@@ -18,6 +18,7 @@ import comm  # noqa: E402
 import memory  # noqa: E402
 import norm_accuracy  # noqa: E402
 import ns_precision  # noqa: E402
+import peer_muon  # noqa: E402
 import step  # noqa: E402
 from _common import PRESETS  # noqa: E402
 
@@ -113,3 +114,35 @@ def test_memory_quick_sharded_state_meets_the_theory(tmp_path: Path) -> None:
         assert 1.0 <= r["sharded_max_over_theory"] <= 1.05
         # replicated: every rank holds 8 bytes per local parameter, DP copies of the sharded total
         assert r["replicated"]["mean"] >= r["dp"] * r["sharded"]["mean"] * 0.999
+
+
+def test_peer_muon_without_the_peer_says_how_to_install_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(peer_muon, "load_peer", lambda: None)
+    assert peer_muon.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "emerging-optimizers is not installed" in out
+    assert "pip install --ignore-requires-python --no-deps emerging-optimizers==0.3.0 absl-py" in out
+    assert not (tmp_path / "peer_muon.json").exists()
+
+
+def test_peer_muon_quick_times_ours(tmp_path: Path) -> None:
+    """Ours only (the peer is never a test dependency): the tiny model's matrix shapes, both dualizer
+    modes and QKV splits at TP2, the owner step's stages, and owner == duplicated bit for bit."""
+    assert peer_muon.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "peer_muon")
+    assert record["peer"] is None
+    # tiny: h64, 8 heads of 8, 4 groups, ffn128 -> k/v 32x64, q and proj 64x64, fc2 64x128, gate/up 128x64.
+    assert [tuple(r["shape"]) for r in record["single_matrix"]] == [(32, 64), (64, 64), (64, 128), (128, 64)]
+    assert all(0 < r["ours_ms"] < 60e3 and "peer_ms" not in r for r in record["single_matrix"])
+    (step,) = record["optimizer_step"]
+    assert step["tp"] == 2 and "ratios" not in step
+    assert set(step["ms"]) == {f"ours {m} {s}" for m in ("owner", "duplicated") for s in ("qkv", "fused")}
+    assert all(0 < v < 60e3 for v in step["ms"].values())
+    assert step["owner_vs_duplicated_max_abs_diff"] == 0.0
+    # NS flops per step of X k×n: 4k²n + 2k³, in units of 64³. Peer distributed at TP2 runs megatron's
+    # shards: qkv 64×64 (6), proj 64×32 (4), fc1 64×128 (10), fc2 64×64 (6) = 26; ours runs q (6),
+    # k and v 32×64 (1.25 each), proj (6), gate and up 64×128 (10 each), fc2 (10) = 44.5, halved.
+    assert step["flop_floor"]["owner qkv / peer distributed"] == pytest.approx(44.5 / 2 / 26)
+    for stages in step["owner_stages_ms"].values():
+        assert 0 < stages["all_to_all"] <= stages["gather_to_owners"] + stages["scatter_to_shards"]
+        assert stages["dualize"] > 0

@@ -15,6 +15,8 @@ All backends batch over leading dimensions: a stack ``[..., m, n]`` costs one ca
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -47,6 +49,10 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = tuple(
 ) + (_POLAR_EXPRESS_RAW[-1],)
 
 _NORM_EPS = 1e-7
+# Folding a·X into B (B + a·I, then X ← B·X) saves a fused addmm's copy of the k×n X but costs one
+# strided diagonal add. Measured (one thread, fp32), fold vs fused: +3% on a 96×192 X, even from 2^16
+# to 10^5 elements, −1.5% on 256×512 and 512×512.
+_FOLD_MIN_NUMEL = 1 << 17
 
 
 def ns_flops(m: int, n: int) -> int:
@@ -63,18 +69,45 @@ def _default_dtype(G: Tensor) -> torch.dtype:
 
 def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], scale: float,
                    dtype: torch.dtype) -> Tensor:
-    """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, one (a, b, c) per step, from X = G/(s·‖G‖_F)."""
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        # Iterate on the short side: X·Xᵀ is min(m, n)² instead of max(m, n)².
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
-    for a, b, c in coefficients:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
-    return X.mT if tall else X
+    """X ← (a·I + b·A + c·A²)·X with A = X·Xᵀ, one (a, b, c) per step, from X = G/(s·‖G‖_F).
+
+    Speed (one thread, fp32, as fast as megatron Muon's ``newton_schulz``): a tall input is
+    copied once, transposed, into a contiguous wide buffer (X·Xᵀ is then min(m, n)² and every
+    product reads rows), and its last step writes straight back into G's orientation, so the
+    result is contiguous either way (the optimizer then slices its row pieces without copies).
+    Each step is three products into buffers allocated once: A = X·Xᵀ; B = b·A + c·A·A fused
+    (``addmm``, ``baddbmm`` for a stack); X ← a·X + B·X fused alike, or for a large X, a·I added
+    to B's diagonal and X ← B·X as a plain product (no copy of X inside the fused product).
+    """
+    tall = G.size(-2) > G.size(-1)
+    wide = G.mT if tall else G
+    k, n = wide.shape[-2:]
+    # A matrix takes mm/addmm, a stack (even of one) bmm/baddbmm, as before: a stacked matrix gets the
+    # same kernel whatever the count stacked with it (owner and duplicated modes stack different counts).
+    shape = (k, n) if G.dim() == 2 else (math.prod(wide.shape[:-2]), k, n)
+    mm, addmm = (torch.mm, torch.addmm) if G.dim() == 2 else (torch.bmm, torch.baddbmm)
+    X = torch.empty(shape, dtype=dtype, device=G.device)
+    X.view(wide.shape).copy_(wide)
+    X.div_(X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
+    A = torch.empty((*shape[:-1], k), dtype=dtype, device=G.device)
+    B = torch.empty_like(A)
+    Y = torch.empty_like(X)
+    fold = k * n >= _FOLD_MIN_NUMEL
+    for step, (a, b, c) in enumerate(coefficients):
+        mm(X, X.mT, out=A)
+        addmm(A, A, A, beta=b, alpha=c, out=B)
+        if fold:
+            B.diagonal(dim1=-2, dim2=-1).add_(a)
+        if tall and step == len(coefficients) - 1:
+            # (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B (B is symmetric): the same products, written tall.
+            out = Y.view(*shape[:-2], n, k)
+            return (mm(X.mT, B, out=out) if fold else addmm(X.mT, X.mT, B, beta=a, out=out)).view(G.shape)
+        if fold:
+            mm(B, X, out=Y)
+        else:
+            addmm(X, B, X, beta=a, out=Y)
+        X, Y = Y, X
+    return X.view(G.shape)
 
 
 def _svd_polar(G: Tensor, dtype: torch.dtype) -> Tensor:

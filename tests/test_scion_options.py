@@ -76,7 +76,9 @@ def _readme_rows() -> dict[str, str]:
     """README's Scion flag table: flag (braces expanded, choices kept) -> the row's last "(...)"."""
     rows = {}
     for line in README.read_text().splitlines():
-        for cell in re.findall(r"`(--scion-[^`]+)`", line.split("|")[1] if line.startswith("| `") else ""):
+        first = line.split("|")[1].strip() if line.startswith("| `") else ""
+        # flag-table cells name flags (with {choices}); other tables' cells may add a value ("`--scion-dp-mode sharded`")
+        for cell in re.findall(r"`(--scion-[a-z-]*(?:\{[a-z,]+\})?(?: \{[a-z0-9_,]+\})?)`", first):
             default = re.findall(r"\(([^()]*)\) \|$", line)
             names = re.fullmatch(r"(--scion-[a-z-]*?)(?:\{([a-z,]+)\})?( \{[a-z0-9_,]+\})?", cell)
             stem, parts, choices = names.groups()

@@ -34,8 +34,17 @@ TP ranks) -> the owner updates momentum, dualizes and steps its master -> one ``
 over TP×DP sends every rank its piece of the new parameter in the model's dtype. Vocab rows
 (row-local LMOs) are split into row blocks owned by the DP replicas of their TP rank: no gather,
 then :meth:`~DistributedDualizer.share_row_blocks`. The arithmetic is the replicated mode's,
-element for element, so both modes give bit-identical parameters; no rank holds more than one
-bucket's exchange buffers at a time.
+element for element, so both modes give bit-identical parameters.
+
+Overlap (``overlap=True``, the default; :func:`overlap_buckets`): every stage that communicates
+is split into ``start_*`` (copy the send buffer, issue the collective with ``async_op=True``,
+return a :class:`Pending`) and :meth:`Pending.wait` (block, then unpack the received buffer).
+Bucket i+1's gather is issued before bucket i's Newton–Schulz runs, and bucket i's scatter is
+waited for only when ``MAX_IN_FLIGHT`` (2) newer scatters would be in flight, or at the end of
+the step: the exchange of one bucket runs while another computes, and no rank holds more than
+2 buckets' gathers and 2 buckets' scatters at once. Every rank issues the same collectives in the
+same order as the sequential loop (``overlap=False``) and the arithmetic is unchanged, so both
+give bit-identical results. In-place groups and row blocks stay synchronous.
 Pipeline stages plan only their own parameters: no cross-stage communication.
 """
 from __future__ import annotations
@@ -407,6 +416,8 @@ class DistributedScion(torch.optim.Optimizer):
     The LMO of each parameter comes from its :class:`ParamLayout`. :meth:`step` is the one
     entry point (``ScionOptimizer`` wraps it for megatron). In sharded DP mode the parameters may
     be of any dtypes (the owners keep fp32 masters, ``owned``) and ``self.state`` stays empty.
+    ``overlap``: pipeline the buckets' exchanges with their Newton–Schulz (same results; off only
+    to measure what overlap saves, as ``benchmarks/overlap.py`` does).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],

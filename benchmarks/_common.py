@@ -14,7 +14,8 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,3 +135,64 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | str = RESUL
               "hardware": hardware(), "command": " ".join(sys.argv), **payload}
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+def slowest_min(fn: Callable[[], Any], steps: int) -> float:
+    """min over ``steps`` runs (after one warm-up) of the time between barriers, max over ranks."""
+    import torch.distributed as dist
+
+    fn()
+    dist.barrier()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    slowest = torch.tensor([min(times)], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest)
+
+
+class StageClock:
+    """Wall time per named stage of one rank's owner step, summed per call of the step."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+        return timed
+
+
+def owner_stage_times(dualizer: Any, momenta: list[torch.Tensor], steps: int) -> dict[str, float]:
+    """Seconds per stage of this rank's fastest sequential owner step of ``steps``: gather_to_owners,
+    dualize, scatter_to_shards, and the all_to_all calls inside gather + scatter."""
+    from disco_megatron.optim import distributed
+
+    # the sequential step's stage methods (each synchronous: its whole cost lies in its call) -> stage name
+    stages = {"start_gather": "gather_to_owners", "dualize": "dualize", "start_scatter": "scatter_to_shards"}
+    stage_names = tuple(stages.values())
+    best: dict[str, float] = {}
+    real_all_to_all = distributed.comm.all_to_all_single
+    overlap, dualizer.overlap = dualizer.overlap, False
+    try:
+        for _ in range(steps):
+            clock = StageClock()
+            for method, name in stages.items():
+                setattr(dualizer, method, clock.wrap(name, getattr(type(dualizer), method).__get__(dualizer)))
+            distributed.comm.all_to_all_single = clock.wrap("all_to_all", real_all_to_all)
+            dualizer(momenta)
+            if not best or sum(clock.totals[n] for n in stage_names) < sum(best[n] for n in stage_names):
+                best = clock.totals
+    finally:
+        distributed.comm.all_to_all_single = real_all_to_all
+        dualizer.overlap = overlap
+        for method in stages:
+            dualizer.__dict__.pop(method, None)
+    return best

@@ -39,7 +39,8 @@ from disco_megatron.config import ModelConfig
 from disco_megatron.models.naming import tp_partition_dim
 from disco_megatron.optim.newton_schulz import NS5_COEFFICIENTS, orthogonalize
 from disco_megatron.runtime.spawn import run_workers
-from _common import PRESETS, RESULTS_DIR, describe, format_table, stage_layouts, write_result
+from _common import (PRESETS, RESULTS_DIR, describe, format_table, owner_stage_times, slowest_min, stage_layouts,
+                     write_result)
 
 NS_STEPS = 5
 PEER_VERSION = "0.3.0"
@@ -143,63 +144,6 @@ def single_matrix_times(shapes: list[tuple[int, int]], repeats: int, peer: types
     return rows
 
 
-def _slowest_min(fn: Callable[[], Any], steps: int) -> float:
-    """min over ``steps`` runs (after one warm-up) of the time between barriers, max over ranks."""
-    import torch.distributed as dist
-
-    fn()
-    dist.barrier()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    slowest = torch.tensor([min(times)], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return float(slowest)
-
-
-class _StageClock:
-    """Wall time per named stage of one rank's owner step, summed per call of the step."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-        return timed
-
-
-def _owner_breakdown(dualizer: Any, momenta: list[torch.Tensor], steps: int) -> dict[str, float]:
-    """Seconds per stage of this rank's fastest owner step of ``steps``: gather_to_owners, dualize,
-    scatter_to_shards, and the all_to_all calls inside gather + scatter."""
-    from disco_megatron.optim import distributed
-
-    stage_names = ("gather_to_owners", "dualize", "scatter_to_shards")
-    best: dict[str, float] = {}
-    real_all_to_all = distributed.comm.all_to_all_single
-    try:
-        for _ in range(steps):
-            clock = _StageClock()
-            for name in stage_names:
-                setattr(dualizer, name, clock.wrap(name, getattr(type(dualizer), name).__get__(dualizer)))
-            distributed.comm.all_to_all_single = clock.wrap("all_to_all", real_all_to_all)
-            dualizer(momenta)
-            if not best or sum(clock.totals[n] for n in stage_names) < sum(best[n] for n in stage_names):
-                best = clock.totals
-    finally:
-        distributed.comm.all_to_all_single = real_all_to_all
-        for name in stage_names:
-            dualizer.__dict__.pop(name, None)
-    return best
-
-
 def _owner_ops(dualizer: Any, momenta: list[torch.Tensor], top: int = 12) -> list[dict]:
     """One owner step under ``torch.profiler`` on this rank: the ``top`` aten ops by self CPU time
     (which copies — cat, stack, copy_, mul, reshape/contiguous — cost how much next to the products)."""
@@ -232,11 +176,11 @@ def step_worker(rank: int, world: int, cfg: ModelConfig, steps: int, with_peer: 
             plan = build_exchange_plan([layouts[split][name] for name in hidden], tp_size=world, tp_mode=mode,
                                        ns_backend="ns5", ns_steps=NS_STEPS, ns_dtype="fp32")
             dualizer = DistributedDualizer(plan, groups, torch.device("cpu"))
-            report["ms"][f"ours {mode} {split}"] = 1e3 * _slowest_min(lambda: dualizer(momenta), steps)
+            report["ms"][f"ours {mode} {split}"] = 1e3 * slowest_min(lambda: dualizer(momenta), steps)
             results[(split, mode)] = dualizer(momenta)
             if mode == "owner":
                 report["owner_stages_ms"][split] = {k: 1e3 * v for k, v in
-                                                    _owner_breakdown(dualizer, momenta, steps).items()}
+                                                    owner_stage_times(dualizer, momenta, steps).items()}
                 report.setdefault("plan_balance", {})[split] = plan.balance()
                 report.setdefault("owner_ops", {})[split] = _owner_ops(dualizer, momenta)
     report["owner_vs_duplicated_max_abs_diff"] = max(
@@ -251,7 +195,7 @@ def step_worker(rank: int, world: int, cfg: ModelConfig, steps: int, with_peer: 
             def peer_step(mode: str = mode) -> list[torch.Tensor]:
                 return [peer.newton_schulz_tp(m, steps=NS_STEPS, coefficient_type="simple", tp_group=group,
                                               partition_dim=dim, tp_mode=mode) for m, dim in zip(momenta, dims)]
-            report["ms"][f"peer {mode}"] = 1e3 * _slowest_min(peer_step, steps)
+            report["ms"][f"peer {mode}"] = 1e3 * slowest_min(peer_step, steps)
     reports: list[Any] = [None] * world
     dist.all_gather_object(reports, report)
     if rank == 0:

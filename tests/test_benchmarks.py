@@ -18,6 +18,7 @@ import comm  # noqa: E402
 import memory  # noqa: E402
 import norm_accuracy  # noqa: E402
 import ns_precision  # noqa: E402
+import overlap  # noqa: E402
 import peer_muon  # noqa: E402
 import step  # noqa: E402
 from _common import PRESETS  # noqa: E402
@@ -117,6 +118,23 @@ def test_memory_quick_sharded_state_meets_the_theory(tmp_path: Path) -> None:
         assert 1.0 <= r["sharded_max_over_theory"] <= 1.05
         # replicated: every rank holds 8 bytes per local parameter, DP copies of the sharded total
         assert r["replicated"]["mean"] >= r["dp"] * r["sharded"]["mean"] * 0.999
+
+
+def test_overlap_quick_reports_ratios(tmp_path: Path) -> None:
+    """Owner and duplicated steps overlapped vs sequential at TP2 on the tiny preset: equal bit for
+    bit, every bucket counted, the owner step's parts and the ratios from the same times."""
+    assert overlap.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = _result(tmp_path, "overlap")
+    assert record["tp"] == 2 and record["max_in_flight"] == 2
+    for mode in ("owner", "duplicated"):
+        entry = record[mode]
+        assert entry["bit_equal"] is True and entry["buckets"] >= 3
+        assert all(0 < v < 60e3 for v in entry["ms"].values())
+        assert entry["overlapped / sequential"] == pytest.approx(entry["ms"]["overlapped"] / entry["ms"]["sequential"])
+    owner = record["owner"]
+    assert owner["sum_of_parts_ms"] == pytest.approx(sum(owner["parts_ms"][k] for k in overlap.PARTS))
+    assert 0 < owner["parts_ms"]["all_to_all"] <= owner["parts_ms"]["gather_to_owners"] + owner["parts_ms"]["scatter_to_shards"]
+    assert owner["overlapped / sum of parts"] == pytest.approx(owner["ms"]["overlapped"] / owner["sum_of_parts_ms"])
 
 
 def test_peer_muon_without_the_peer_says_how_to_install_it(tmp_path: Path, monkeypatch, capsys) -> None:

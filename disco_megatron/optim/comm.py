@@ -3,7 +3,8 @@
 Counts are payload bytes to / from *other* ranks (a rank's slice to itself is a local copy).
 ``all_gather``: the local tensor goes to g−1 peers and g−1 tensors arrive. ``all_reduce``
 is counted as a ring would move it, 2·(g−1)/g of the tensor each way (nominal: the backend
-may use another algorithm). ``benchmarks/comm.py`` compares these counts with the theory in
+may use another algorithm). ``async_op=True`` returns torch's work handle (wait on it before reading
+the output or reusing the input); the bytes are counted when the collective is issued. ``benchmarks/comm.py`` compares these counts with the theory in
 ``optim/distributed.py``'s docstring (derived in docs/design.md §3).
 """
 from __future__ import annotations
@@ -59,24 +60,33 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
 
 def all_to_all_single(counter: CommCounter, output: Tensor, input: Tensor,
                       output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],
-                      group: dist.ProcessGroup | None) -> None:
+                      group: dist.ProcessGroup | None, async_op: bool = False) -> dist.Work | None:
     """``dist.all_to_all_single`` with element splits along dim 0, counted."""
     me = dist.get_rank(group)
     itemsize = input.element_size()
     sent = sum(s for r, s in enumerate(input_split_sizes) if r != me) * itemsize
     received = sum(s for r, s in enumerate(output_split_sizes) if r != me) * itemsize
-    dist.all_to_all_single(output, input, list(output_split_sizes), list(input_split_sizes), group=group)
+    work = dist.all_to_all_single(output, input, list(output_split_sizes), list(input_split_sizes), group=group,
+                                  async_op=async_op)
     counter.record("all_to_all", sent, received)
+    return work
+
+
+def all_gather_start(counter: CommCounter, tensor: Tensor, group: dist.ProcessGroup | None,
+                     async_op: bool = False) -> tuple[list[Tensor], dist.Work | None]:
+    """``dist.all_gather`` of same-shape tensors into group-rank order, counted; the outputs are
+    complete once the returned work (None when synchronous) is waited for."""
+    size = _group_size(group)
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    work = dist.all_gather(out, tensor.contiguous(), group=group, async_op=async_op)
+    nbytes = tensor.numel() * tensor.element_size() * (size - 1)
+    counter.record("all_gather", nbytes, nbytes)
+    return out, work
 
 
 def all_gather(counter: CommCounter, tensor: Tensor, group: dist.ProcessGroup | None) -> list[Tensor]:
     """``dist.all_gather`` of same-shape tensors, returned in group-rank order, counted."""
-    size = _group_size(group)
-    out = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(out, tensor.contiguous(), group=group)
-    nbytes = tensor.numel() * tensor.element_size() * (size - 1)
-    counter.record("all_gather", nbytes, nbytes)
-    return out
+    return all_gather_start(counter, tensor, group)[0]
 
 
 def all_reduce(counter: CommCounter, tensor: Tensor, group: dist.ProcessGroup | None,

@@ -34,17 +34,27 @@ TP ranks) -> the owner updates momentum, dualizes and steps its master -> one ``
 over TP×DP sends every rank its piece of the new parameter in the model's dtype. Vocab rows
 (row-local LMOs) are split into row blocks owned by the DP replicas of their TP rank: no gather,
 then :meth:`~DistributedDualizer.share_row_blocks`. The arithmetic is the replicated mode's,
-element for element, so both modes give bit-identical parameters; no rank holds more than one
-bucket's exchange buffers at a time.
+element for element, so both modes give bit-identical parameters.
+
+Overlap (``overlap=True``, the default; :func:`overlap_buckets`): every stage that communicates
+is split into ``start_*`` (copy the send buffer, issue the collective with ``async_op=True``,
+return a :class:`Pending`) and :meth:`Pending.wait` (block, then unpack the received buffer).
+Bucket i+1's gather is issued before bucket i's Newton–Schulz runs, and bucket i's scatter is
+waited for only when ``MAX_IN_FLIGHT`` (2) newer scatters would be in flight, or at the end of
+the step: the exchange of one bucket runs while another computes, and no rank holds more than
+2 buckets' gathers and 2 buckets' scatters at once. Every rank issues the same collectives in the
+same order as the sequential loop (``overlap=False``) and the arithmetic is unchanged, so both
+give bit-identical results. In-place groups and row blocks stay synchronous.
 Pipeline stages plan only their own parameters: no cross-stage communication.
 """
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -68,6 +78,12 @@ from disco_megatron.scion_options import (
 # Momentum buffers and every exchanged tensor: fp32 whatever the parameters' dtype.
 STATE_DTYPE = torch.float32
 NS_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Overlapped mode: buckets whose gather (and, apart, whose scatter) is issued and not yet waited for.
+# Bounds the exchange buffers a rank holds at once; 2 lets one bucket's exchange run during another's NS.
+MAX_IN_FLIGHT = 2
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,53 @@ def write_piece(tensor: Tensor, matrix: LogicalMatrix, piece: Tensor, start: int
         offset += b - a
 
 
+class Pending(Generic[T]):
+    """A stage whose collective may still be in flight: :meth:`wait` blocks on it, then unpacks the
+    received buffers. Synchronous (``work`` None): unpacked at once, so the stage's whole cost lies
+    in the call that started it."""
+
+    def __init__(self, work: dist.Work | None, unpack: Callable[[], T]) -> None:
+        self._work = work
+        self._unpack = unpack
+        self._value: tuple[T] | None = None if work is not None else (unpack(),)
+
+    def then(self, fn: Callable[[T], U]) -> "Pending[U]":
+        """The same collective, its result passed through ``fn`` once received."""
+        if self._value is not None:
+            value = fn(self._value[0])
+            return Pending(None, lambda: value)
+        return Pending(self._work, lambda: fn(self._unpack()))
+
+    def wait(self) -> T:
+        if self._value is None:
+            assert self._work is not None
+            self._work.wait()
+            self._value = (self._unpack(),)
+        return self._value[0]
+
+
+def overlap_buckets(buckets: Sequence[Bucket], start_gather: Callable[[Bucket], Pending[list[Tensor]]],
+                    compute: Callable[[Bucket, list[Tensor]], list[Tensor]],
+                    start_scatter: Callable[[Bucket, list[Tensor]], Pending[None]]) -> None:
+    """gather -> compute -> scatter of every bucket, pipelined: bucket i+1's gather is issued before
+    bucket i computes, and a scatter is waited for only when ``MAX_IN_FLIGHT`` newer ones would be in
+    flight, or at the end. Every rank issues the same collectives in the same order as the sequential
+    loop and the arithmetic is the same: the results are bit-identical."""
+    gathers: deque[Pending[list[Tensor]]] = deque()
+    scatters: deque[Pending[None]] = deque()
+    issued = 0
+    for bucket in buckets:
+        while len(gathers) < MAX_IN_FLIGHT and issued < len(buckets):
+            gathers.append(start_gather(buckets[issued]))
+            issued += 1
+        results = compute(bucket, gathers.popleft().wait())
+        if len(scatters) == MAX_IN_FLIGHT:
+            scatters.popleft().wait()
+        scatters.append(start_scatter(bucket, results))
+    for pending in scatters:
+        pending.wait()
+
+
 class OwnedState(NamedTuple):
     """Sharded mode: what the owner of a logical matrix (or row block) holds, both fp32."""
 
@@ -147,10 +210,12 @@ class DistributedDualizer:
     Construction does one small ``all_gather`` over the stage's TP×DP ranks to check that all
     of them built the same plan (and to learn which group rank is which (TP, DP) coordinate);
     after that every call is collective over the exchange group (TP, or TP×DP when sharded).
+    ``overlap``: the buckets' exchanges run asynchronously beside the other buckets' compute
+    (:func:`overlap_buckets`); off, each stage finishes before the next starts (same results).
     """
 
     def __init__(self, plan: ExchangePlan, groups: StageGroups, device: torch.device,
-                 counter: CommCounter | None = None) -> None:
+                 counter: CommCounter | None = None, overlap: bool = True) -> None:
         if dist.get_world_size(groups.tp) != plan.tp_size:
             raise ValueError(f"the exchange plan is for TP {plan.tp_size}, the TP group has "
                              f"{dist.get_world_size(groups.tp)} ranks")
@@ -159,6 +224,7 @@ class DistributedDualizer:
         self.device = device
         self.ns_dtype = NS_TORCH_DTYPES[plan.ns_dtype]
         self.counter = counter if counter is not None else CommCounter()
+        self.overlap = overlap
         self.tp_rank = dist.get_rank(groups.tp)
         self.dp_rank = dist.get_rank(groups.dp)
         self._group = groups.tp_dp if plan.dp_mode == "sharded" else groups.tp
@@ -205,14 +271,25 @@ class DistributedDualizer:
         directions = [torch.zeros_like(m) for m in momenta]
         for group in self.plan.in_place:
             self.dualize_in_place(group, momenta, directions)
-        for bucket in self.plan.buckets:
-            if self.plan.tp_mode == "owner":
-                owned = self.gather_to_owners(bucket, momenta)
-                self.scatter_to_shards(bucket, self.dualize(bucket.lmo, owned), directions)
-            else:
-                wholes = self.all_gather_wholes(bucket, momenta)
-                self.keep_own_pieces(bucket, self.dualize(bucket.lmo, wholes), directions)
+        compute = lambda bucket, wholes: self.dualize(bucket.lmo, wholes)  # noqa: E731
+        if self.plan.tp_mode == "owner":
+            self.run_buckets(lambda b: self.start_gather(b, momenta), compute,
+                             lambda b, results: self.start_scatter(b, results, directions))
+        else:
+            self.run_buckets(lambda b: self.start_all_gather(b, momenta), compute,
+                             lambda b, results: Pending(None, lambda: self.keep_own_pieces(b, results, directions)))
         return directions
+
+    def run_buckets(self, start_gather: Callable[[Bucket], Pending[list[Tensor]]],
+                    compute: Callable[[Bucket, list[Tensor]], list[Tensor]],
+                    start_scatter: Callable[[Bucket, list[Tensor]], Pending[None]]) -> None:
+        """Every bucket of the plan through gather -> compute -> scatter: pipelined with ``overlap``,
+        else one stage after the other."""
+        if self.overlap:
+            overlap_buckets(self.plan.buckets, start_gather, compute, start_scatter)
+            return
+        for bucket in self.plan.buckets:
+            start_scatter(bucket, compute(bucket, start_gather(bucket).wait())).wait()
 
     def dualize(self, lmo: str, matrices: list[Tensor]) -> list[Tensor]:
         """The LMO of each matrix (same-shape spectral ones batched), with the plan's NS settings."""
@@ -226,6 +303,10 @@ class DistributedDualizer:
             write_piece(directions[entry.param], entry.matrix, result)
 
     def gather_to_owners(self, bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`start_gather`, waited for."""
+        return self.start_gather(bucket, tensors).wait()
+
+    def start_gather(self, bucket: Bucket, tensors: Sequence[Tensor]) -> Pending[list[Tensor]]:
         """Storage -> compute layout: the whole matrices this rank owns, in bucket order.
 
         Each rank of the owner's replica sends the owner its piece of ``tensors`` (momenta, or
@@ -233,7 +314,8 @@ class DistributedDualizer:
         are whole on every TP rank.
         """
         if bucket.split == 1:
-            return [piece_of(tensors[e.param], e.matrix) for e in self.owned_entries(bucket)]
+            owned = [piece_of(tensors[e.param], e.matrix) for e in self.owned_entries(bucket)]
+            return Pending(None, lambda: owned)
         t, me, slots = bucket.split, self._me, self._slot_coords
         piece_shape = bucket.piece_shape
         numel = math.prod(piece_shape)
@@ -246,10 +328,17 @@ class DistributedDualizer:
         peers = [s for s, (_, dp) in enumerate(slots) if dp == my_dp]
         dtype = functools.reduce(torch.promote_types, {tensors[e.param].dtype for e in bucket.entries})
         received = self._all_to_all(sends, [owned * numel if s in peers else 0 for s in range(len(slots))], dtype)
-        pieces_by_tp = {slots[s][0]: received[s].view(owned, *piece_shape) for s in peers}
-        return [torch.cat([pieces_by_tp[r][j] for r in range(t)], dim=bucket.concat_dim) for j in range(owned)]
+
+        def wholes(parts: list[Tensor]) -> list[Tensor]:
+            pieces_by_tp = {slots[s][0]: parts[s].view(owned, *piece_shape) for s in peers}
+            return [torch.cat([pieces_by_tp[r][j] for r in range(t)], dim=bucket.concat_dim) for j in range(owned)]
+        return received.then(wholes)
 
     def scatter_to_shards(self, bucket: Bucket, results: list[Tensor], targets: Sequence[Tensor]) -> None:
+        """:meth:`start_scatter`, waited for."""
+        self.start_scatter(bucket, results, targets).wait()
+
+    def start_scatter(self, bucket: Bucket, results: list[Tensor], targets: Sequence[Tensor]) -> Pending[None]:
         """Compute -> storage layout: each owner sends every rank of the exchange group its piece
         of each result (one ``all_to_all``), written into that rank's ``targets`` (directions,
         or in sharded mode the parameters; in the targets' dtype, promoted over the bucket)."""
@@ -260,11 +349,14 @@ class DistributedDualizer:
         sends = [[c[tp % bucket.split].reshape(-1) for c in chunks] for tp, _ in slots]
         dtype = functools.reduce(torch.promote_types, {targets[e.param].dtype for e in bucket.entries})
         received = self._all_to_all(sends, [bucket.owners.count(s) * numel for s in range(len(slots))], dtype)
-        taken = [0] * len(slots)
-        for entry, owner in zip(bucket.entries, bucket.owners):
-            piece = received[owner][taken[owner] * numel:(taken[owner] + 1) * numel]
-            taken[owner] += 1
-            write_piece(targets[entry.param], entry.matrix, piece.view(piece_shape))
+
+        def write(parts: list[Tensor]) -> None:
+            taken = [0] * len(slots)
+            for entry, owner in zip(bucket.entries, bucket.owners):
+                piece = parts[owner][taken[owner] * numel:(taken[owner] + 1) * numel]
+                taken[owner] += 1
+                write_piece(targets[entry.param], entry.matrix, piece.view(piece_shape))
+        return received.then(write)
 
     def share_row_blocks(self, blocks: RowBlocks, mine: Tensor | None, targets: Sequence[Tensor]) -> None:
         """Sharded mode: the owners of a row-blocked matrix's piece send each other their block
@@ -278,17 +370,24 @@ class DistributedDualizer:
         counts = [0] * len(self._slot_coords)
         for j, owner in enumerate(blocks.owners):
             counts[owner] = (bounds[j + 1] - bounds[j]) * row_numel
-        received = self._all_to_all(sends, counts, target.dtype)
+        received = self._all_to_all(sends, counts, target.dtype).wait()
         for j, owner in enumerate(blocks.owners):
             write_piece(target, entry.matrix, received[owner].view(-1, *entry.matrix.shape[1:]), bounds[j])
 
     def all_gather_wholes(self, bucket: Bucket, momenta: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`start_all_gather`, waited for."""
+        return self.start_all_gather(bucket, momenta).wait()
+
+    def start_all_gather(self, bucket: Bucket, momenta: Sequence[Tensor]) -> Pending[list[Tensor]]:
         """Storage -> compute layout on every TP rank: every whole matrix of the bucket (one ``all_gather``)."""
         piece_shape = bucket.piece_shape
         mine = torch.cat([piece_of(momenta[e.param], e.matrix).reshape(-1) for e in bucket.entries])
-        gathered = [g.view(len(bucket.entries), *piece_shape)
-                    for g in comm.all_gather(self.counter, mine, self.groups.tp)]
-        return [torch.cat([g[j] for g in gathered], dim=bucket.concat_dim) for j in range(len(bucket.entries))]
+        gathered, work = comm.all_gather_start(self.counter, mine, self.groups.tp, async_op=self.overlap)
+
+        def wholes() -> list[Tensor]:
+            pieces = [g.view(len(bucket.entries), *piece_shape) for g in gathered]
+            return [torch.cat([g[j] for g in pieces], dim=bucket.concat_dim) for j in range(len(bucket.entries))]
+        return Pending(work, wholes)
 
     def keep_own_pieces(self, bucket: Bucket, results: list[Tensor], directions: list[Tensor]) -> None:
         """Compute -> storage layout without communication: this rank's piece of every result."""
@@ -296,13 +395,17 @@ class DistributedDualizer:
             write_piece(directions[entry.param], entry.matrix,
                          result.chunk(self.plan.tp_size, dim=bucket.concat_dim)[self.tp_rank])
 
-    def _all_to_all(self, sends: list[list[Tensor]], recv_counts: list[int], dtype: torch.dtype) -> list[Tensor]:
-        """One all_to_all of ``dtype``: ``sends[d]`` goes to group rank d; returns what each rank sent us."""
+    def _all_to_all(self, sends: list[list[Tensor]], recv_counts: list[int],
+                    dtype: torch.dtype) -> Pending[list[Tensor]]:
+        """One all_to_all of ``dtype`` (asynchronous with ``overlap``): ``sends[d]`` goes to group
+        rank d; once waited for, what each rank sent us. The send buffer is a fresh copy, so the
+        caller may change ``sends``' sources while it is in flight."""
         flat = [torch.cat(s).to(dtype) if s else torch.empty(0, dtype=dtype, device=self.device) for s in sends]
         inp = torch.cat(flat)
         out = torch.empty(sum(recv_counts), dtype=dtype, device=self.device)
-        comm.all_to_all_single(self.counter, out, inp, recv_counts, [f.numel() for f in flat], self._group)
-        return list(out.split(recv_counts))
+        work = comm.all_to_all_single(self.counter, out, inp, recv_counts, [f.numel() for f in flat], self._group,
+                                      async_op=self.overlap)
+        return Pending(work, lambda: list(out.split(recv_counts)))
 
 
 class DistributedScion(torch.optim.Optimizer):
@@ -313,6 +416,8 @@ class DistributedScion(torch.optim.Optimizer):
     The LMO of each parameter comes from its :class:`ParamLayout`. :meth:`step` is the one
     entry point (``ScionOptimizer`` wraps it for megatron). In sharded DP mode the parameters may
     be of any dtypes (the owners keep fp32 masters, ``owned``) and ``self.state`` stays empty.
+    ``overlap``: pipeline the buckets' exchanges with their Newton–Schulz (same results; off only
+    to measure what overlap saves, as ``benchmarks/overlap.py`` does).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -320,7 +425,7 @@ class DistributedScion(torch.optim.Optimizer):
                  tp_mode: str = DEFAULTS.tp_mode, dp_mode: str = DEFAULTS.dp_mode,
                  ns_backend: str = DEFAULTS.ns_backend, ns_steps: int = DEFAULTS.ns_steps,
                  ns_dtype: str | None = DEFAULTS.ns_dtype, clip_grad: float = CLIP_GRAD_DEFAULT, norm_mask: Mapping[Tensor, bool] | None = None,
-                 **defaults: Any) -> None:
+                 overlap: bool = True, **defaults: Any) -> None:
         super().__init__(params, {**GROUP_DEFAULTS, **defaults})
         check_clip_grad(clip_grad)
         check_option("ns_dtype", ns_dtype)
@@ -343,7 +448,7 @@ class DistributedScion(torch.optim.Optimizer):
                                         tp_mode=tp_mode, dp_mode=dp_mode,
                                         ns_backend=ns_backend, ns_steps=ns_steps,
                                         ns_dtype=ns_dtype_for(ns_dtype, self.device.type))
-        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter)
+        self.dualizer = DistributedDualizer(self.plan, groups, self.device, self.counter, overlap=overlap)
         self._group_of = [g for g in self.param_groups for _ in g["params"]]
         self.owned: dict[str, OwnedState] = {}  # sharded mode: matrix key -> this owner's state
         self._owned_ready = False
@@ -381,10 +486,11 @@ class DistributedScion(torch.optim.Optimizer):
     def step_owners(self, grads: Sequence[Tensor], grad_scale: float) -> None:
         """Sharded mode, bucket by bucket: grads to owners -> owners update -> new param pieces to every rank."""
         self.init_state()
-        for bucket in self.plan.buckets:
-            entries = self.dualizer.owned_entries(bucket)
-            new = self._update_owned(bucket.lmo, entries, self.dualizer.gather_to_owners(bucket, grads), grad_scale)
-            self.dualizer.scatter_to_shards(bucket, new, self._params)
+        dualizer = self.dualizer
+        dualizer.run_buckets(
+            lambda b: dualizer.start_gather(b, grads),
+            lambda b, owned_grads: self._update_owned(b.lmo, dualizer.owned_entries(b), owned_grads, grad_scale),
+            lambda b, new: dualizer.start_scatter(b, new, self._params))
         for blocks in self.plan.row_blocks:
             rows = blocks.rows_of(self.dualizer.me)
             new = None if rows is None else self._update_owned(

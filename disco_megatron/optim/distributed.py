@@ -17,7 +17,7 @@ bucket in named stages. ``tp_mode``:
   matrix once -> :meth:`~DistributedDualizer.scatter_to_shards` (a second ``all_to_all`` sends
   every rank back only its piece). Bytes per rank, averaged over the TP group: 2·(t−1)/t² of
   the matrices' bytes.
-- ``duplicated`` (exact, the usual baseline): :meth:`~DistributedDualizer.all_gather_wholes`
+- ``duplicated`` (exact, the usual baseline): :meth:`~DistributedDualizer.start_all_gather`
   (one ``all_gather`` of the pieces) -> every TP rank dualizes every matrix ->
   :meth:`~DistributedDualizer.keep_own_pieces`. Bytes per rank: (t−1)/t of the matrices' bytes.
 - ``local`` (approximation): every piece is dualized on its own, no communication. The
@@ -374,10 +374,6 @@ class DistributedDualizer:
         for j, owner in enumerate(blocks.owners):
             write_piece(target, entry.matrix, received[owner].view(-1, *entry.matrix.shape[1:]), bounds[j])
 
-    def all_gather_wholes(self, bucket: Bucket, momenta: Sequence[Tensor]) -> list[Tensor]:
-        """:meth:`start_all_gather`, waited for."""
-        return self.start_all_gather(bucket, momenta).wait()
-
     def start_all_gather(self, bucket: Bucket, momenta: Sequence[Tensor]) -> Pending[list[Tensor]]:
         """Storage -> compute layout on every TP rank: every whole matrix of the bucket (one ``all_gather``)."""
         piece_shape = bucket.piece_shape
@@ -400,10 +396,11 @@ class DistributedDualizer:
         """One all_to_all of ``dtype`` (asynchronous with ``overlap``): ``sends[d]`` goes to group
         rank d; once waited for, what each rank sent us. The send buffer is a fresh copy, so the
         caller may change ``sends``' sources while it is in flight."""
-        flat = [torch.cat(s).to(dtype) if s else torch.empty(0, dtype=dtype, device=self.device) for s in sends]
-        inp = torch.cat(flat)
+        pieces = [t.to(dtype) for s in sends for t in s]
+        inp = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=self.device)
         out = torch.empty(sum(recv_counts), dtype=dtype, device=self.device)
-        work = comm.all_to_all_single(self.counter, out, inp, recv_counts, [f.numel() for f in flat], self._group,
+        send_counts = [sum(t.numel() for t in s) for s in sends]
+        work = comm.all_to_all_single(self.counter, out, inp, recv_counts, send_counts, self._group,
                                       async_op=self.overlap)
         return Pending(work, lambda: list(out.split(recv_counts)))
 
@@ -539,14 +536,19 @@ class DistributedScion(torch.optim.Optimizer):
     @torch.no_grad()
     def write_masters_to_params(self) -> None:
         """Sharded mode: every rank's parameters from the owners' masters (collective over TP×DP)."""
+        self._scatter_from_owners(
+            lambda lmo, entries: [self.owned[e.matrix.key].master.to(self._params[e.param].dtype) for e in entries],
+            self._params)
+
+    def _scatter_from_owners(self, values: Callable[[str, Sequence[PlannedMatrix]], list[Tensor]],
+                             targets: Sequence[Tensor]) -> None:
+        """Sharded mode: every rank's pieces of ``targets`` from ``values(lmo, entries)``, which each owner
+        computes for the matrices (and row blocks) it owns (collective over TP×DP)."""
         for bucket in self.plan.buckets:
-            masters = [self.owned[e.matrix.key].master.to(self._params[e.param].dtype)
-                       for e in self.dualizer.owned_entries(bucket)]
-            self.dualizer.scatter_to_shards(bucket, masters, self._params)
+            self.dualizer.scatter_to_shards(bucket, values(bucket.lmo, self.dualizer.owned_entries(bucket)), targets)
         for blocks in self.plan.row_blocks:
-            state = self.owned.get(blocks.entry.matrix.key) if blocks.rows_of(self.dualizer.me) else None
-            mine = None if state is None else state.master.to(self._params[blocks.entry.param].dtype)
-            self.dualizer.share_row_blocks(blocks, mine, self._params)
+            mine = values(blocks.lmo, [blocks.entry])[0] if blocks.rows_of(self.dualizer.me) is not None else None
+            self.dualizer.share_row_blocks(blocks, mine, targets)
 
     def check_grads(self, grads: Sequence[Tensor | None]) -> GradCheck:
         """Finiteness and global grad norm with one all-reduce over ``world``.
@@ -618,13 +620,8 @@ class DistributedScion(torch.optim.Optimizer):
         if not self.sharded:
             return self.dualizer([self.state[p]["momentum_buffer"] for p in self._params])
         out = [torch.zeros_like(p, dtype=STATE_DTYPE) for p in self._params]
-        for bucket in self.plan.buckets:
-            momenta = [self.owned[e.matrix.key].momentum for e in self.dualizer.owned_entries(bucket)]
-            self.dualizer.scatter_to_shards(bucket, self.dualizer.dualize(bucket.lmo, momenta), out)
-        for blocks in self.plan.row_blocks:
-            state = self.owned.get(blocks.entry.matrix.key) if blocks.rows_of(self.dualizer.me) else None
-            mine = None if state is None else self.dualizer.dualize(blocks.lmo, [state.momentum])[0]
-            self.dualizer.share_row_blocks(blocks, mine, out)
+        self._scatter_from_owners(
+            lambda lmo, entries: self.dualizer.dualize(lmo, [self.owned[e.matrix.key].momentum for e in entries]), out)
         return out
 
     def state_dict(self) -> dict[str, Any]:

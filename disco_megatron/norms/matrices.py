@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 
 from disco_megatron.models.naming import param_group
-from disco_megatron.optim.layout import ModelShape, build_layout
+from disco_megatron.optim.distributed import piece_of
+from disco_megatron.optim.layout import ModelShape, build_layout, split_matrix_key
 
 _TRANSPOSED_ROLES = frozenset({"embedding", "position_embedding"})
 
 
 def param_name(key: str) -> str:
     """The stored parameter's name of a logical-matrix key (``name:part`` -> ``name``)."""
-    return key.split(":", 1)[0]
+    return split_matrix_key(key)[0]
 
 
 def matrix_group(key: str) -> str:
@@ -39,8 +40,7 @@ def logical_pieces(name: str, local: torch.Tensor, partition_dim: int | None, mo
     layout = build_layout(name, tuple(local.shape), model_cfg, tp_size=tp_size, tp_rank=tp_rank, qkv_split="qkv")
     pieces = []
     for matrix in layout.matrices:
-        ranges = matrix.local_rows
-        piece = local if ranges == ((0, local.size(0)),) else torch.cat([local[a:b] for a, b in ranges])
+        piece = piece_of(local, matrix)
         pdim = partition_dim
         if layout.role in _TRANSPOSED_ROLES:
             piece, pdim = piece.t(), (None if partition_dim is None else 1 - partition_dim)

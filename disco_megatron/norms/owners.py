@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from disco_megatron.models.naming import canonical_name
-from disco_megatron.optim.layout import ParamLayout
+from disco_megatron.optim.layout import ParamLayout, matrix_key, split_matrix_key
 from disco_megatron.optim.plan import ExchangePlan, plan_owners
 
 
@@ -34,8 +34,7 @@ def planned_svd_owners(plan: ExchangePlan, layouts: Sequence[tuple[str, ParamLay
     for name, layout in layouts:
         for matrix in layout.matrices:
             if matrix.key in owners:
-                part = matrix.key.rpartition(":")[2] if ":" in matrix.key else ""
-                out[f"{canonical_name(name)}:{part}" if part else canonical_name(name)] = owners[matrix.key]
+                out[matrix_key(canonical_name(name), split_matrix_key(matrix.key)[1])] = owners[matrix.key]
     return out
 
 

@@ -81,6 +81,18 @@ def row_blockable(matrix: LogicalMatrix, lmo: str) -> bool:
     return lmo in _ROW_LOCAL_LMOS and (matrix.local or matrix.concat_dim == 0)
 
 
+def matrix_key(name: str, part: str = "") -> str:
+    """A logical matrix's key: its parameter's name, plus ``:part`` (q, k, v; gate, up) when the
+    parameter holds several matrices."""
+    return f"{name}:{part}" if part else name
+
+
+def split_matrix_key(key: str) -> tuple[str, str]:
+    """``(parameter name, part)`` of a :func:`matrix_key` (part ``""`` for a whole tensor)."""
+    name, _, part = key.partition(":")
+    return name, part
+
+
 def needs_whole(matrix: LogicalMatrix, lmo: str) -> bool:
     """True when dualizing ``matrix`` needs its TP pieces together (communication)."""
     if matrix.local:
@@ -175,7 +187,7 @@ def build_layout(
     concat_dim = pdim if pdim is not None else 0
 
     def matrix(suffix: str, ranges: list[tuple[int, int]], full_rows: int, local: bool) -> LogicalMatrix:
-        return LogicalMatrix(key=f"{name}:{suffix}" if suffix else name, shape=(full_rows, *full_shape[1:]),
+        return LogicalMatrix(key=matrix_key(name, suffix), shape=(full_rows, *full_shape[1:]),
                              local_rows=tuple(ranges), concat_dim=concat_dim, local=local)
 
     if role == "qkv":

@@ -34,7 +34,7 @@ from disco_megatron.models.fp8 import is_quantized, master_weight
 from disco_megatron.optim.config import ScionConfig, scion_config_from_flags
 from disco_megatron.optim.distributed import DistributedScion, StageGroups, StepResult, piece_of, write_piece
 from disco_megatron.models.naming import LR_GROUPS
-from disco_megatron.optim.layout import ParamLayout, build_layout
+from disco_megatron.optim.layout import ParamLayout, build_layout, matrix_key, split_matrix_key
 from disco_megatron.optim.state_layout import StatePiece, state_pieces
 
 __all__ = ["ScionOptimizer", "ScionConfig", "get_scion_optimizer", "scion_config_from_flags"]
@@ -237,7 +237,7 @@ class ScionOptimizer(MegatronOptimizer):
                                  "dict, so its Scion state has no checkpoint key")
             frame = _frame(model_tensors[piece.param])
             shared = frame.replica_id[0] if isinstance(frame.replica_id, tuple) else 0
-            name = _matrix_name(frame.key, self.optimizer.layouts[piece.param].name, piece.matrix.key)
+            name = matrix_key(frame.key, split_matrix_key(piece.matrix.key)[1])  # the key under global layer numbers
             layers = frame.prepend_axis_num
             fragments = None if piece.fragments is None or frame.axis_fragmentations is None \
                 else frame.axis_fragmentations[:layers] + piece.fragments
@@ -307,12 +307,6 @@ def _frame(model_tensor: ShardedTensor | ShardedTensorFactory) -> ShardedTensor:
         built = model_tensor.build()
         return replace(built[0] if isinstance(built, list) else next(iter(built.values())), key=model_tensor.key)
     return model_tensor
-
-
-def _matrix_name(param_key: str, layout_name: str, matrix_key: str) -> str:
-    """A logical matrix's checkpoint name: its parameter's checkpoint key (global layer numbers)
-    and what its key adds to the parameter's name (":q", ":gate"; nothing for a whole tensor)."""
-    return param_key + matrix_key[matrix_key.index(layout_name) + len(layout_name):]
 
 
 def _with_chunk_keys(layout: ParamLayout, chunk: int) -> ParamLayout:

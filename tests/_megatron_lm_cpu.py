@@ -69,5 +69,9 @@ def _stand_in_for_cuda() -> None:
 if __name__ == "__main__":
     _stand_in_for_cuda()
     from disco_megatron.integrations.megatron_lm import main
+    from disco_megatron.runtime.parallel import live_gloo_threads
 
     main()
+    if leftover := live_gloo_threads():  # fail every time, not at random when the exit aborts
+        raise SystemExit(f"{len(leftover)} gloo threads outlived the plug-in's teardown: a process group "
+                         "is still referenced (see runtime.parallel._release_megatron_state)")

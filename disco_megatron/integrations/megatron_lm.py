@@ -328,6 +328,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.path.insert(0, os.path.dirname(script))
     sys.argv = [script, *argv[1:]]
     runpy.run_path(script, run_name="__main__")
+    # Megatron-LM's pretrain() returns with its process groups alive (and the norm hook holds the
+    # optimizer's); their gloo threads would be ended by the exiting interpreter, which can abort it
+    # (SIGABRT) after all the work succeeded.
+    global _NORM_HOOK
+    _NORM_HOOK = None
+    from disco_megatron.runtime import destroy_parallel
+
+    destroy_parallel()
 
 
 if __name__ == "__main__":

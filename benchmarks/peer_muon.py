@@ -37,7 +37,7 @@ import torch
 
 from disco_megatron.config import ModelConfig
 from disco_megatron.models.naming import tp_partition_dim
-from disco_megatron.optim.newton_schulz import NS5_COEFFICIENTS, orthogonalize
+from disco_megatron.optim.newton_schulz import NS5_COEFFICIENTS, ns_flops, orthogonalize
 from disco_megatron.runtime.spawn import run_workers
 from _common import (PRESETS, RESULTS_DIR, describe, format_table, owner_stage_times, slowest_min, stage_layouts,
                      write_result)
@@ -91,26 +91,27 @@ def spectral_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
                    for m in layout.matrices if len(m.shape) == 2})
 
 
-def iteration_flops(k: int, n: int) -> int:
-    """Flops of one NS step on a k×n X as the kernels run it: X·Xᵀ, A·A, B·X (2·k²n + 2·k³ + 2·k²n)."""
-    return 4 * k * k * n + 2 * k**3
+def peer_flops(k: int, n: int) -> int:
+    """Flops of the peer's NS5 on a k×n X (its standard form: X·Xᵀ, A·A, B·X each step)."""
+    return NS_STEPS * (4 * k * k * n + 2 * k**3)
 
 
 def flop_floors(cfg: ModelConfig, tp: int) -> dict[str, float]:
     """Ours over the peer in NS flops of the busiest rank at perfect balance: the best ratio
     the step can reach with equally fast kernels and free communication. Ours runs every
-    logical matrix once, short side first, spread over the TP ranks; the peer's ``distributed``
-    runs each rank's shard (transposed when split along dim 0, as ``newton_schulz_tp`` does),
-    its ``duplicated`` every whole megatron matrix on every rank."""
+    logical matrix once, in the form our kernel takes (``ns_flops``: the Gram form for wide ones),
+    spread over the TP ranks; the peer's ``distributed`` runs each rank's shard (transposed when
+    split along dim 0, as ``newton_schulz_tp`` does; the k×k product A·A on every rank), its
+    ``duplicated`` every whole megatron matrix on every rank."""
     full = {name: stage_layouts(cfg, 1, 0)[name].local_shape for name in hidden_matrices(cfg)}
     peer_distributed = 0
     for name, (rows, cols) in full.items():
         k, n = (cols, rows // tp) if tp_partition_dim(name) == 0 else (rows, cols // tp)
-        peer_distributed += iteration_flops(k, n)
-    peer_duplicated = sum(iteration_flops(min(shape), max(shape)) for shape in full.values())
+        peer_distributed += peer_flops(k, n)
+    peer_duplicated = sum(peer_flops(min(shape), max(shape)) for shape in full.values())
     floors = {}
     for split in QKV_SPLITS:
-        ours = sum(iteration_flops(min(m.shape), max(m.shape)) for name, layout in stage_layouts(cfg, 1, 0, split).items()
+        ours = sum(ns_flops(*m.shape, NS_STEPS) for name, layout in stage_layouts(cfg, 1, 0, split).items()
                    if name in full for m in layout.matrices) / tp
         floors |= {f"owner {split} / peer {mode}": ours / peer for mode, peer in
                    (("distributed", peer_distributed), ("duplicated", peer_duplicated))}

@@ -94,6 +94,9 @@ def test_ns_precision_quick_bf16_is_near_fp32(tmp_path: Path) -> None:
     record = _result(tmp_path, "ns_precision")
     for r in record["records"]:
         assert 0 < r["bf16_vs_fp32"] < 5e-2 and r["bf16_vs_fp32"] < r["fp32_vs_exact"], r
+    # the tiny model's wide matrices (k/v 32x64, gate/up 128x64, fc2 64x128) take the Gram form in fp32
+    assert len(record["gram_records"]) == 2 * 2 * 3  # backends x inputs x shapes
+    assert record["max_gram_over_standard"] <= 2.5  # measured 1.74 (errors ~1e-6: round-off noise)
 
 
 def test_norm_accuracy_quick_within_the_bound(tmp_path: Path) -> None:
@@ -115,7 +118,9 @@ def test_memory_quick_sharded_state_meets_the_theory(tmp_path: Path) -> None:
         assert r["sharded_equals_plan"] is True
         # every logical matrix's momentum and master held once over TP×DP: the mean is the theory
         assert r["sharded_mean_over_theory"] == pytest.approx(1.0, rel=1e-12)
-        assert 1.0 <= r["sharded_max_over_theory"] <= 1.05
+        # owners are balanced on Newton–Schulz flops, not bytes: the tiny model's few matrices leave
+        # up to 8.1% more on one rank (measured; the quickstart and 125M models: <= 0.1%, README)
+        assert 1.0 <= r["sharded_max_over_theory"] <= 1.1
         # replicated: every rank holds 8 bytes per local parameter, DP copies of the sharded total
         assert r["replicated"]["mean"] >= r["dp"] * r["sharded"]["mean"] * 0.999
 
@@ -160,10 +165,13 @@ def test_peer_muon_quick_times_ours(tmp_path: Path) -> None:
     assert set(step["ms"]) == {f"ours {m} {s}" for m in ("owner", "duplicated") for s in ("qkv", "fused")}
     assert all(0 < v < 60e3 for v in step["ms"].values())
     assert step["owner_vs_duplicated_max_abs_diff"] == 0.0
-    # NS flops per step of X k×n: 4k²n + 2k³, in units of 64³. Peer distributed at TP2 runs megatron's
-    # shards: qkv 64×64 (6), proj 64×32 (4), fc1 64×128 (10), fc2 64×64 (6) = 26; ours runs q (6),
-    # k and v 32×64 (1.25 each), proj (6), gate and up 64×128 (10 each), fc2 (10) = 44.5, halved.
-    assert step["flop_floor"]["owner qkv / peer distributed"] == pytest.approx(44.5 / 2 / 26)
+    # NS flops per step, in units of 64³. The peer's standard form on a k×n X: 4k²n + 2k³; distributed
+    # at TP2 it runs megatron's shards: qkv 64×64 (6), proj 64×32 (4), fc1 64×128 (10), fc2 64×64 (6)
+    # = 26. Ours runs q and proj 64×64 in the standard form (6 each) and the wide ones in the Gram
+    # form, 5 steps in segments of 3 and 2, sum of 2·(2k²n + (4L−3)·k³), per step: k and v 32×64
+    # (2·(0.5 + 1.125) + 2·(0.5 + 0.625) = 5.5, /5 = 1.1 each), gate, up and fc2 64×128 (2·(4 + 9) +
+    # 2·(4 + 5) = 44, /5 = 8.8 each): 40.6, halved.
+    assert step["flop_floor"]["owner qkv / peer distributed"] == pytest.approx((12 + 2 * 1.1 + 3 * 8.8) / 2 / 26)
     for stages in step["owner_stages_ms"].values():
         assert 0 < stages["all_to_all"] <= stages["gather_to_owners"] + stages["scatter_to_shards"]
         assert stages["dualize"] > 0

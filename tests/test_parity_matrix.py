@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,7 +94,8 @@ def _recording() -> Iterator[dict[str, float]]:
 
     def recording_dualize_many(lmo, matrices, **kwargs):
         if lmo == "spectral":
-            seen["ns_flops"] += sum(ns_flops(*m.shape) for m in matrices)
+            seen["ns_flops"] += sum(ns_flops(*m.shape, kwargs["ns_steps"], kwargs["ns_dtype"], kwargs["ns_backend"])
+                                    for m in matrices)
         return dualize_many(lmo, matrices, **kwargs)
 
     dist.all_to_all_single, dist.all_gather = recording_all_to_all, recording_all_gather
@@ -112,13 +113,13 @@ def _gather(values: list[float], group: dist.ProcessGroup | None) -> list[list[f
     return [o.tolist() for o in out]
 
 
-def _stage_ns_flops(pp: int, pp_rank: int, qkv_split: str) -> int:
-    """Newton–Schulz flops of this stage's spectral matrices, from the TP1 layouts (independent of TP)."""
+def _stage_ns_flops(pp: int, pp_rank: int, qkv_split: str, cost: Callable[[int, int], float]) -> float:
+    """Newton–Schulz flops (``cost``) of this stage's spectral matrices, from the TP1 layouts (independent of TP)."""
     shapes = full_shapes()
     total = 0
     for name in stage_names(pp_rank, pp):
         layout = build_layout(name, shapes[name], CFG, qkv_split=qkv_split)
-        total += sum(ns_flops(*m.shape) for m in layout.matrices) if layout.lmo == "spectral" else 0
+        total += sum(cost(*m.shape) for m in layout.matrices) if layout.lmo == "spectral" else 0
     return total
 
 
@@ -159,12 +160,12 @@ def _check_work(run: ShardedRun, config: str, tp: int, pp: int, pp_rank: int, fl
                 where: str) -> float | None:
     """Every spectral matrix orthogonalised once per exchange group (on every TP rank when
     duplicated), each rank's share as planned; returns the measured max/mean (owner modes)."""
-    total = _stage_ns_flops(pp, pp_rank, CONFIGS[config].qkv_split)
+    plan = run.opt.plan
+    total = _stage_ns_flops(pp, pp_rank, CONFIGS[config].qkv_split, plan.cost)
     if config == "duplicated":
         assert flops == total, where
         return None
-    plan = run.opt.plan
-    in_place = sum(ns_flops(*e.matrix.shape) for g in plan.in_place if g.lmo == "spectral" for e in g.entries)
+    in_place = sum(plan.cost(*e.matrix.shape) for g in plan.in_place if g.lmo == "spectral" for e in g.entries)
     group = groups.tp_dp if config == "sharded" else groups.tp
     loads, planned = zip(*_gather([flops, in_place], group))
     assert sum(loads) == total, (where, loads, total)

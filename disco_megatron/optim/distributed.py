@@ -64,6 +64,7 @@ from disco_megatron.optim import comm
 from disco_megatron.optim.comm import CommCounter
 from disco_megatron.optim.layout import LogicalMatrix, ParamLayout
 from disco_megatron.optim.lmo import dualize_many
+from disco_megatron.optim.newton_schulz import NS_TORCH_DTYPES
 from disco_megatron.optim.plan import Bucket, ExchangePlan, InPlace, PlannedMatrix, RowBlocks, build_exchange_plan
 from disco_megatron.optim.scion import apply_update_, clip_coefficient, update_momentum_
 from disco_megatron.scion_options import (
@@ -77,7 +78,6 @@ from disco_megatron.scion_options import (
 
 # Momentum buffers and every exchanged tensor: fp32 whatever the parameters' dtype.
 STATE_DTYPE = torch.float32
-NS_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Overlapped mode: buckets whose gather (and, apart, whose scatter) is issued and not yet waited for.
 # Bounds the exchange buffers a rank holds at once; 2 lets one bucket's exchange run during another's NS.
 MAX_IN_FLIGHT = 2

@@ -16,6 +16,7 @@ All backends batch over leading dimensions: a stack ``[..., m, n]`` costs one ca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -55,9 +56,47 @@ _NORM_EPS = 1e-7
 _FOLD_MIN_NUMEL = 1 << 17
 
 
-def ns_flops(m: int, n: int) -> int:
-    """Relative Newton–Schulz cost of an m×n matrix (m·n·min(m, n)), for load balancing."""
-    return m * n * min(m, n)
+# The Gram form (below) iterates on the k×k matrix X·Xᵀ instead of the k×n X: 2·k²·n + (4·L − 3)·k³
+# multiply-adds for a segment of L steps against L·(2·k²·n + k³) in the standard form, so it is
+# taken from n ≥ GRAM_MIN_ASPECT·k (flop ratio gram/standard for 5 NS5 steps: 0.88 at n = 2k, 0.67
+# at n = 4k; times in docs/newton_schulz_precision.md).
+GRAM_MIN_ASPECT = 2
+# Steps per Gram segment, by backend: each segment starts again from the iteration's X (X ← Q·X, then
+# X·Xᵀ), since within a segment the k×k products carry round-off that small singular values cannot
+# absorb. Measured, relative difference from the fp64 iteration after 5 steps, fp32, singular values
+# log-spaced in [1e-6, 1]: NS5 on 64×256: standard form 6.5e-6, segments of 3: 7.2e-6, one segment
+# 3.6e-4; Polar Express (larger early coefficients) on 64×256 / 128×512: standard 1.2e-5 / 1.2e-5,
+# segments of 2: 1.1e-5 / 1.2e-5, of 3: 2.5e-5 / 2.0e-5. In bf16 the Gram form is far off on such
+# inputs even with restarts (24×80, condition 30, Polar Express, segments of 3: 0.37 against 0.03
+# standard), so it runs only in fp32 and fp64.
+GRAM_SEGMENT = {"ns5": 3, "polar_express": 2}
+NS_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def ns_coefficients(backend: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of ``steps`` steps of an iterative backend (``ns5``, ``polar_express``)."""
+    if backend == "ns5":
+        return [NS5_COEFFICIENTS] * steps
+    schedule = list(POLAR_EXPRESS_COEFFICIENTS[:steps])
+    return schedule + [POLAR_EXPRESS_COEFFICIENTS[-1]] * (steps - len(schedule))
+
+
+def gram_segments(k: int, n: int, steps: int, dtype: torch.dtype, backend: str = "ns5") -> list[int]:
+    """Steps per Gram segment for a wide k×n X in ``dtype``, or [] when the standard form runs."""
+    if (backend not in GRAM_SEGMENT or steps < 2 or n < GRAM_MIN_ASPECT * k
+            or torch.finfo(dtype).eps > torch.finfo(torch.float32).eps):
+        return []
+    return [min(GRAM_SEGMENT[backend], steps - start) for start in range(0, steps, GRAM_SEGMENT[backend])]
+
+
+def ns_flops(m: int, n: int, steps: int = 5, dtype: torch.dtype = torch.float32, backend: str = "ns5") -> int:
+    """Flops of ``steps`` Newton–Schulz steps of ``backend`` on an m×n matrix in the form the kernel
+    takes (the owner plan's cost; for ``svd`` the standard form's, a proxy)."""
+    k, n = min(m, n), max(m, n)
+    segments = gram_segments(k, n, steps, dtype, backend)
+    if segments:
+        return sum(2 * (2 * k * k * n + (4 * length - 3) * k**3) for length in segments)
+    return 2 * steps * (2 * k * k * n + k**3)
 
 
 def _default_dtype(G: Tensor) -> torch.dtype:
@@ -68,16 +107,13 @@ def _default_dtype(G: Tensor) -> torch.dtype:
 
 
 def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], scale: float,
-                   dtype: torch.dtype) -> Tensor:
+                   dtype: torch.dtype, backend: str) -> Tensor:
     """X ← (a·I + b·A + c·A²)·X with A = X·Xᵀ, one (a, b, c) per step, from X = G/(s·‖G‖_F).
 
-    Speed (one thread, fp32, as fast as megatron Muon's ``newton_schulz``): a tall input is
-    copied once, transposed, into a contiguous wide buffer (X·Xᵀ is then min(m, n)² and every
-    product reads rows), and its last step writes straight back into G's orientation, so the
-    result is contiguous either way (the optimizer then slices its row pieces without copies).
-    Each step is three products into buffers allocated once: A = X·Xᵀ; B = b·A + c·A·A fused
-    (``addmm``, ``baddbmm`` for a stack); X ← a·X + B·X fused alike, or for a large X, a·I added
-    to B's diagonal and X ← B·X as a plain product (no copy of X inside the fused product).
+    A tall input is copied once, transposed, into a contiguous wide buffer (X·Xᵀ is then min(m, n)²
+    and every product reads rows), and the last product writes straight back into G's orientation, so
+    the result is contiguous either way (the optimizer then slices its row pieces without copies).
+    A wide-enough X (:func:`gram_segments`) takes the Gram form, any other the standard one.
     """
     tall = G.size(-2) > G.size(-1)
     wide = G.mT if tall else G
@@ -89,9 +125,25 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
     X = torch.empty(shape, dtype=dtype, device=G.device)
     X.view(wide.shape).copy_(wide)
     X.div_(X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
-    A = torch.empty((*shape[:-1], k), dtype=dtype, device=G.device)
+    segments = gram_segments(k, n, len(coefficients), dtype, backend)
+    steps = _gram_steps if segments else _standard_steps
+    return steps(X, torch.empty_like(X), tall, coefficients, segments, mm, addmm).view(G.shape)
+
+
+def _tall(Y: Tensor) -> Tensor:
+    """The spare k×n buffer viewed n×k, for a tall result written by the last product."""
+    return Y.view(*Y.shape[:-2], Y.size(-1), Y.size(-2))
+
+
+def _standard_steps(X: Tensor, Y: Tensor, tall: bool, coefficients: list[tuple[float, float, float]],
+                    segments: list[int], mm: Callable, addmm: Callable) -> Tensor:
+    """Each step three products into buffers allocated once (as fast as megatron Muon's
+    ``newton_schulz``, one thread, fp32): A = X·Xᵀ; B = b·A + c·A·A fused (``addmm``); X ← a·X + B·X
+    fused alike, or for a large X, a·I added to B's diagonal and X ← B·X as a plain product (no copy
+    of X inside the fused product)."""
+    k, n = X.shape[-2:]
+    A = torch.empty((*X.shape[:-1], k), dtype=X.dtype, device=X.device)
     B = torch.empty_like(A)
-    Y = torch.empty_like(X)
     fold = k * n >= _FOLD_MIN_NUMEL
     for step, (a, b, c) in enumerate(coefficients):
         mm(X, X.mT, out=A)
@@ -100,14 +152,48 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
             B.diagonal(dim1=-2, dim2=-1).add_(a)
         if tall and step == len(coefficients) - 1:
             # (a·X + B·X)ᵀ = a·Xᵀ + Xᵀ·B (B is symmetric): the same products, written tall.
-            out = Y.view(*shape[:-2], n, k)
-            return (mm(X.mT, B, out=out) if fold else addmm(X.mT, X.mT, B, beta=a, out=out)).view(G.shape)
+            return mm(X.mT, B, out=_tall(Y)) if fold else addmm(X.mT, X.mT, B, beta=a, out=_tall(Y))
         if fold:
             mm(B, X, out=Y)
         else:
             addmm(X, B, X, beta=a, out=Y)
         X, Y = Y, X
-    return X.view(G.shape)
+    return X
+
+
+def _gram_steps(X: Tensor, Y: Tensor, tall: bool, coefficients: list[tuple[float, float, float]],
+                segments: list[int], mm: Callable, addmm: Callable) -> Tensor:
+    """The same iterates on the k×k Gram matrix R = X·Xᵀ of a wide X (Gram Newton–Schulz).
+
+    X_j = Q_j·X for a k×k Q_j that is a polynomial in R, so Q_j and R commute and
+    A_j = X_j·X_jᵀ = Q_j·R·Q_j; each step forms P = a·I + b·A + c·A² and Q ← P·Q with k×k products
+    only, and X ← Q·X once per segment (:func:`gram_segments`), the segment's start being
+    the iteration's X again (the restart that keeps bf16 and ill-conditioned inputs as accurate as
+    the standard form).
+    """
+    k = X.shape[-2]
+    R, A, P, Q, T = (torch.empty((*X.shape[:-1], k), dtype=X.dtype, device=X.device) for _ in range(5))
+    start = 0
+    for segment, length in enumerate(segments):
+        mm(X, X.mT, out=R)
+        for j, (a, b, c) in enumerate(coefficients[start:start + length]):
+            if j:
+                mm(R, Q, out=T)
+                mm(Q, T, out=A)
+            base = A if j else R
+            addmm(base, base, base, beta=b, alpha=c, out=P)
+            P.diagonal(dim1=-2, dim2=-1).add_(a)
+            if j:
+                mm(P, Q, out=T)
+                Q, T = T, Q
+            else:
+                Q, P = P, Q
+        start += length
+        if tall and segment == len(segments) - 1:
+            return mm(X.mT, Q, out=_tall(Y))  # (Q·X)ᵀ = Xᵀ·Q (Q is symmetric), written tall
+        mm(Q, X, out=Y)
+        X, Y = Y, X
+    return X
 
 
 def _svd_polar(G: Tensor, dtype: torch.dtype) -> Tensor:
@@ -139,10 +225,7 @@ def orthogonalize(
     compute_dtype = dtype if dtype is not None else _default_dtype(G)
     if backend == "svd":
         out = _svd_polar(G, compute_dtype)
-    elif backend == "ns5":
-        out = _newton_schulz(G, [NS5_COEFFICIENTS] * steps, 1.0, compute_dtype)
     else:
-        schedule = list(POLAR_EXPRESS_COEFFICIENTS[:steps])
-        schedule += [POLAR_EXPRESS_COEFFICIENTS[-1]] * (steps - len(schedule))
-        out = _newton_schulz(G, schedule, POLAR_EXPRESS_SAFETY, compute_dtype)
+        scale = 1.0 if backend == "ns5" else POLAR_EXPRESS_SAFETY
+        out = _newton_schulz(G, ns_coefficients(backend, steps), scale, compute_dtype, backend)
     return out.to(G.dtype)

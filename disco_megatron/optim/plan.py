@@ -8,8 +8,8 @@ buckets of same-(lmo, shape, concat dim) matrices that travel together, in key o
 ``owner`` mode the slot (rank of the exchange group) that computes each one.
 
 Owners: greedy longest-processing-time over the slots, matrices by decreasing dualize cost
-(:func:`plan_size`: Newton–Schulz's m·n·min(m, n) for spectral, m·n for the element-wise maps;
-ties by key), each to the least-loaded slot (ties by slot). Every rank of a pipeline stage
+(``ns_flops`` of :func:`plan_size` at the plan's steps and precision: Newton–Schulz's flops for
+spectral, for the element-wise maps those of an (m·n)×1 matrix, which grow as m·n; ties by key), each to the least-loaded slot (ties by slot). Every rank of a pipeline stage
 builds its plan from the same inputs and gets the same buckets and owners, so no rank has to
 tell another who owns what; :attr:`ExchangePlan.fingerprint` hashes those inputs and the optimizer compares it
 across ranks once, so a disagreement fails with a message instead of a hang.
@@ -23,6 +23,7 @@ spreads evenly; every other matrix goes whole to one LPT-chosen owner through a 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import math
@@ -30,7 +31,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from disco_megatron.optim.layout import LogicalMatrix, ParamLayout, needs_whole, row_blockable
-from disco_megatron.optim.newton_schulz import ns_flops
+from disco_megatron.optim.newton_schulz import NS_TORCH_DTYPES, ns_flops
 from disco_megatron.scion_options import DEFAULTS, NS_DTYPE_OTHER, NS_DTYPES, check_option, check_parallel_modes
 
 
@@ -75,8 +76,8 @@ def plan_fingerprint(*parts: Hashable) -> int:
 
 
 def plan_size(matrix: LogicalMatrix, lmo: str) -> tuple[int, int]:
-    """(m, n) whose ``ns_flops`` is the matrix's dualize cost: m·n·min(m, n) for spectral,
-    m·n for the element-wise maps (given as an (m·n)×1 matrix)."""
+    """(m, n) whose ``ns_flops`` is the matrix's dualize cost: its shape for spectral, (m·n)×1
+    for the element-wise maps (a cost that grows as m·n)."""
     if lmo == "spectral":
         return matrix.shape[0], matrix.shape[1]
     return math.prod(matrix.shape), 1
@@ -163,9 +164,13 @@ class ExchangePlan:
         """Owner slot of each matrix key (owner mode; empty otherwise)."""
         return {e.matrix.key: o for b in self.buckets for e, o in zip(b.entries, b.owners)}
 
+    def cost(self, m: int, n: int) -> float:
+        """Dualize cost of a :func:`plan_size` (m, n): ``ns_flops`` at the plan's backend, steps and precision."""
+        return float(ns_flops(m, n, self.ns_steps, NS_TORCH_DTYPES[self.ns_dtype], self.ns_backend))
+
     def costs(self) -> dict[str, float]:
-        """Dualize cost (``ns_flops`` of :func:`plan_size`) of each matrix that goes whole."""
-        return {e.matrix.key: float(ns_flops(*plan_size(e.matrix, b.lmo))) for b in self.buckets for e in b.entries}
+        """Dualize cost of each matrix that goes whole."""
+        return {e.matrix.key: self.cost(*plan_size(e.matrix, b.lmo)) for b in self.buckets for e in b.entries}
 
     def balance(self) -> float:
         """max/mean dualize cost over the slots (1.0 = perfect; owner mode)."""
@@ -246,8 +251,9 @@ def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size
                 in_place.setdefault(layout.lmo, []).append(entry)
     grouped = sorted((spec, tuple(sorted(entries, key=lambda e: e.matrix.key))) for spec, entries in whole.items())
     slots = tp_size * dp_size if sharded else tp_size
+    cost = functools.partial(ns_flops, steps=ns_steps, dtype=NS_TORCH_DTYPES[ns_dtype], backend=ns_backend)
     owners = plan_owners([(e.matrix.key, *plan_size(e.matrix, spec[0])) for spec, entries in grouped
-                          for e in entries], list(range(slots))) if tp_mode == "owner" else {}
+                          for e in entries], list(range(slots)), cost) if tp_mode == "owner" else {}
     buckets = tuple(Bucket(lmo, shape, cdim, entries, tuple(owners[e.matrix.key] for e in entries) if owners else (),
                            split) for (lmo, shape, cdim, split), entries in grouped)
     specs = tuple((*spec, tuple(e.matrix.key for e in entries)) for spec, entries in grouped)

@@ -5,8 +5,10 @@ tensor-parallel Newton–Schulz behind megatron-core 0.16's ``TensorParallelMuon
 
 1. Single matrix: ``orthogonalize(G, "ns5")`` against the peer's ``newton_schulz(G, 5, "simple")``
    (the same (a, b, c) = (3.4445, −4.7750, 2.0315)), fp32, one thread, min of ``--repeats``
-   interleaved runs, on the issue's shapes and the quickstart model's matrix shapes.
-   The max |ours − peer| is printed too (equal up to fp32 round-off).
+   interleaved runs (more for sub-millisecond shapes: at least 0.3 s of each), on the issue's
+   shapes and the quickstart model's matrix shapes. Ours takes the Gram form on the wide ones
+   (``optim/newton_schulz.py``), the peer its standard form. The max |ours − peer| is printed
+   too (equal up to fp32 round-off).
 2. Optimizer step of the hidden matrices of one GPT (``--layers`` 4, h512, 8 heads / 4 groups,
    SwiGLU ffn 2048), 5 NS5 steps, one world of t gloo processes per TP size (one thread each):
    our :class:`~disco_megatron.optim.distributed.DistributedDualizer` in ``owner`` and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 import types
@@ -118,8 +121,15 @@ def flop_floors(cfg: ModelConfig, tp: int) -> dict[str, float]:
     return floors
 
 
-def single_matrix_times(shapes: list[tuple[int, int]], repeats: int, peer: types.ModuleType | None) -> list[dict]:
-    """min-of-``repeats`` ms of ours and the peer per shape, runs interleaved (fair under load)."""
+# Sub-millisecond matrices get more runs: each implementation is timed for at least this long per
+# shape, so that the min is not one lucky or unlucky sample among a handful.
+MIN_SAMPLE_S = 0.3
+
+
+def single_matrix_times(shapes: list[tuple[int, int]], repeats: int, peer: types.ModuleType | None,
+                        min_sample_s: float = MIN_SAMPLE_S) -> list[dict]:
+    """min ms of ours and the peer per shape over at least ``repeats`` runs and ``min_sample_s`` of
+    each (more runs for small shapes), runs interleaved (fair under load)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     impls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"ours": lambda G: orthogonalize(G, "ns5", NS_STEPS)}
@@ -130,8 +140,11 @@ def single_matrix_times(shapes: list[tuple[int, int]], repeats: int, peer: types
     for shape in shapes:
         G = torch.randn(shape, generator=gen)
         outs = {name: fn(G) for name, fn in impls.items()}  # warm-up
+        start = time.perf_counter()
+        impls["ours"](G)
+        runs = max(repeats, math.ceil(min_sample_s / (time.perf_counter() - start)))
         samples: dict[str, list[float]] = {name: [] for name in impls}
-        for _ in range(repeats):
+        for _ in range(runs):
             for name, fn in impls.items():
                 start = time.perf_counter()
                 fn(G)
@@ -223,10 +236,11 @@ def summarize_step(tp: int, reports: list[dict]) -> dict:
     return result
 
 
-def single_part(shapes: list[tuple[int, int]], repeats: int, peer: types.ModuleType | None) -> list[dict]:
+def single_part(shapes: list[tuple[int, int]], repeats: int, peer: types.ModuleType | None,
+                min_sample_s: float = MIN_SAMPLE_S) -> list[dict]:
     """Part 1: time and print the single-matrix table."""
-    print(f"single matrix: NS5 {NS_STEPS} steps, fp32, one thread, min of {repeats}")
-    single = single_matrix_times(shapes, repeats, peer)
+    print(f"single matrix: NS5 {NS_STEPS} steps, fp32, one thread, min of >= {repeats} runs and >= {min_sample_s} s")
+    single = single_matrix_times(shapes, repeats, peer, min_sample_s)
     print(format_table(["shape", "ours ms", "peer ms", "ours/peer", "max |diff|"],
                        [("x".join(map(str, r["shape"])), r["ours_ms"], r.get("peer_ms"), r.get("ours_over_peer"),
                          r.get("max_abs_diff")) for r in single]))
@@ -295,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
     shapes = spectral_shapes(tiny) if args.quick else ISSUE_SHAPES + [
         s for s in spectral_shapes(QUICKSTART_MODEL) if s not in ISSUE_SHAPES]
-    single = single_part(shapes, repeats, peer) if args.only in (None, "single") else None
+    single = single_part(shapes, repeats, peer, 0.0 if args.quick else MIN_SAMPLE_S) \
+        if args.only in (None, "single") else None
     steps_result = step_part(cfg, tps, steps, peer) if args.only in (None, "step") else None
     name = "peer_muon" if args.only is None else f"peer_muon_{args.only}"  # a part alone keeps the full record
     path = write_result(name, {"quick": args.quick, "peer": f"emerging-optimizers {PEER_VERSION}"

@@ -123,8 +123,8 @@ def _newton_schulz(G: Tensor, coefficients: list[tuple[float, float, float]], sc
     shape = (k, n) if G.dim() == 2 else (math.prod(wide.shape[:-2]), k, n)
     mm, addmm = (torch.mm, torch.addmm) if G.dim() == 2 else (torch.bmm, torch.baddbmm)
     X = torch.empty(shape, dtype=dtype, device=G.device)
-    X.view(wide.shape).copy_(wide)
-    X.div_(X.norm(dim=(-2, -1), keepdim=True) * scale + _NORM_EPS)
+    norm = torch.linalg.vector_norm(wide, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(dtype, G.dtype))
+    torch.div(wide, norm.mul_(scale).add_(_NORM_EPS), out=X.view(wide.shape))  # the copy is the division
     segments = gram_segments(k, n, len(coefficients), dtype, backend)
     steps = _gram_steps if segments else _standard_steps
     return steps(X, torch.empty_like(X), tall, coefficients, segments, mm, addmm).view(G.shape)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 import types
@@ -149,8 +150,9 @@ def single_matrix_times(shapes: list[tuple[int, int]], repeats: int, peer: types
                 start = time.perf_counter()
                 fn(G)
                 samples[name].append(time.perf_counter() - start)
-        row: dict[str, Any] = {"shape": list(shape), "samples_s": samples,
-                               **{f"{name}_ms": 1e3 * min(s) for name, s in samples.items()}}
+        row: dict[str, Any] = {"shape": list(shape), "runs": runs,
+                               **{f"{name}_ms": 1e3 * min(s) for name, s in samples.items()},
+                               **{f"{name}_median_ms": 1e3 * statistics.median(s) for name, s in samples.items()}}
         if peer is not None:
             row["ours_over_peer"] = row["ours_ms"] / row["peer_ms"]
             row["max_abs_diff"] = float((outs["ours"] - outs["peer"]).abs().max())

@@ -168,8 +168,8 @@ def _gram_steps(X: Tensor, Y: Tensor, tall: bool, coefficients: list[tuple[float
     X_j = Q_j·X for a k×k Q_j that is a polynomial in R, so Q_j and R commute and
     A_j = X_j·X_jᵀ = Q_j·R·Q_j; each step forms P = a·I + b·A + c·A² and Q ← P·Q with k×k products
     only, and X ← Q·X once per segment (:func:`gram_segments`), the segment's start being
-    the iteration's X again (the restart that keeps bf16 and ill-conditioned inputs as accurate as
-    the standard form).
+    the iteration's X again (the restart that keeps ill-conditioned inputs as accurate as the
+    standard form).
     """
     k = X.shape[-2]
     R, A, P, Q, T = (torch.empty((*X.shape[:-1], k), dtype=X.dtype, device=X.device) for _ in range(5))

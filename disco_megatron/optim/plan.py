@@ -8,11 +8,12 @@ buckets of same-(lmo, shape, concat dim) matrices that travel together, in key o
 ``owner`` mode the slot (rank of the exchange group) that computes each one.
 
 Owners: greedy longest-processing-time over the slots, matrices by decreasing dualize cost
-(``ns_flops`` of :func:`plan_size` at the plan's steps and precision: Newton–Schulz's flops for
-spectral, for the element-wise maps those of an (m·n)×1 matrix, which grow as m·n; ties by key), each to the least-loaded slot (ties by slot). Every rank of a pipeline stage
-builds its plan from the same inputs and gets the same buckets and owners, so no rank has to
-tell another who owns what; :attr:`ExchangePlan.fingerprint` hashes those inputs and the optimizer compares it
-across ranks once, so a disagreement fails with a message instead of a hang.
+(:func:`dualize_cost`: Newton–Schulz's flops in the form the kernel takes for spectral; for the
+element-wise maps those of an (m·n)×1 matrix, which grow as m·n; ties by key), each to the
+least-loaded slot (ties by slot). Every rank of a pipeline stage builds its plan from the same
+inputs and gets the same buckets and owners, so no rank has to tell another who owns what;
+:attr:`ExchangePlan.fingerprint` hashes those inputs and the optimizer compares it across ranks
+once, so a disagreement fails with a message instead of a hang.
 
 ``dp_mode="sharded"``: every logical matrix of the stage has exactly one owner slot among the
 TP×DP ranks (slot = dp rank · TP + tp rank, megatron's order), which holds its momentum and fp32
@@ -73,6 +74,11 @@ def plan_fingerprint(*parts: Hashable) -> int:
     """A 63-bit hash of ``parts`` (their repr), equal on every rank iff the parts are equal."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def dualize_cost(ns_backend: str, ns_steps: int, ns_dtype: str) -> Callable[[int, int], float]:
+    """``cost(m, n)`` of a :func:`plan_size`: ``ns_flops`` at this backend, step count and precision."""
+    return functools.partial(ns_flops, steps=ns_steps, dtype=NS_TORCH_DTYPES[ns_dtype], backend=ns_backend)
 
 
 def plan_size(matrix: LogicalMatrix, lmo: str) -> tuple[int, int]:
@@ -165,8 +171,8 @@ class ExchangePlan:
         return {e.matrix.key: o for b in self.buckets for e, o in zip(b.entries, b.owners)}
 
     def cost(self, m: int, n: int) -> float:
-        """Dualize cost of a :func:`plan_size` (m, n): ``ns_flops`` at the plan's backend, steps and precision."""
-        return float(ns_flops(m, n, self.ns_steps, NS_TORCH_DTYPES[self.ns_dtype], self.ns_backend))
+        """:func:`dualize_cost` of a :func:`plan_size` (m, n) at the plan's backend, steps and precision."""
+        return float(dualize_cost(self.ns_backend, self.ns_steps, self.ns_dtype)(m, n))
 
     def costs(self) -> dict[str, float]:
         """Dualize cost of each matrix that goes whole."""
@@ -251,9 +257,9 @@ def build_exchange_plan(layouts: Sequence[ParamLayout], *, tp_size: int, dp_size
                 in_place.setdefault(layout.lmo, []).append(entry)
     grouped = sorted((spec, tuple(sorted(entries, key=lambda e: e.matrix.key))) for spec, entries in whole.items())
     slots = tp_size * dp_size if sharded else tp_size
-    cost = functools.partial(ns_flops, steps=ns_steps, dtype=NS_TORCH_DTYPES[ns_dtype], backend=ns_backend)
     owners = plan_owners([(e.matrix.key, *plan_size(e.matrix, spec[0])) for spec, entries in grouped
-                          for e in entries], list(range(slots)), cost) if tp_mode == "owner" else {}
+                          for e in entries], list(range(slots)), dualize_cost(ns_backend, ns_steps, ns_dtype)) \
+        if tp_mode == "owner" else {}
     buckets = tuple(Bucket(lmo, shape, cdim, entries, tuple(owners[e.matrix.key] for e in entries) if owners else (),
                            split) for (lmo, shape, cdim, split), entries in grouped)
     specs = tuple((*spec, tuple(e.matrix.key for e in entries)) for spec, entries in grouped)

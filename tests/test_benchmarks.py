@@ -96,7 +96,8 @@ def test_ns_precision_quick_bf16_is_near_fp32(tmp_path: Path) -> None:
         assert 0 < r["bf16_vs_fp32"] < 5e-2 and r["bf16_vs_fp32"] < r["fp32_vs_exact"], r
     # the tiny model's wide matrices (k/v 32x64, gate/up 128x64, fc2 64x128) take the Gram form in fp32
     assert len(record["gram_records"]) == 2 * 2 * 3  # backends x inputs x shapes
-    assert record["max_gram_over_standard"] <= 2.5  # measured 1.74 (errors ~1e-6: round-off noise)
+    # as accurate as the standard form up to round-off noise (errors 1e-6 - 1e-5; ratio measured <= 1.74)
+    assert all(r["gram_vs_fp64"] <= 2 * r["standard_vs_fp64"] + 2e-6 for r in record["gram_records"])
 
 
 def test_norm_accuracy_quick_within_the_bound(tmp_path: Path) -> None:

@@ -137,21 +137,28 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | str = RESUL
     return path
 
 
-def slowest_min(fn: Callable[[], Any], steps: int) -> float:
-    """min over ``steps`` runs (after one warm-up) of the time between barriers, max over ranks."""
+def interleaved_min(fns: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
+    """Seconds per name: min over ``steps`` rounds (after one warm-up round) of each ``fns[name]()``
+    timed between barriers, the rounds interleaving the names (load changes hit all alike); max over ranks."""
     import torch.distributed as dist
 
-    fn()
-    dist.barrier()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    slowest = torch.tensor([min(times)], dtype=torch.float64)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(steps + 1):
+        for name, fn in fns.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            dist.barrier()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    slowest = torch.tensor([min(t) for t in times.values()], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return float(slowest)
+    return dict(zip(fns, slowest.tolist()))
+
+
+def slowest_min(fn: Callable[[], Any], steps: int) -> float:
+    """min over ``steps`` runs (after one warm-up) of the time between barriers, max over ranks."""
+    return interleaved_min({"fn": fn}, steps)["fn"]
 
 
 class StageClock:

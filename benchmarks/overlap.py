@@ -23,37 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from disco_megatron.runtime.spawn import run_workers
-from _common import RESULTS_DIR, describe, format_table, owner_stage_times, preset, stage_layouts, write_result
+from _common import (RESULTS_DIR, describe, format_table, interleaved_min, owner_stage_times, preset, stage_layouts,
+                     write_result)
 
 MODES = ("owner", "duplicated")
 VARIANTS = {"overlapped": True, "sequential": False}  # name -> DistributedDualizer.overlap
 PARTS = ("gather_to_owners", "dualize", "scatter_to_shards")
-
-
-def _interleaved_min(fns: dict[str, Any], steps: int) -> dict[str, float]:
-    """Seconds per name: min over ``steps`` rounds (after one warm-up round) of each ``fns[name]()``
-    timed between barriers, the rounds interleaving the names; max over ranks."""
-    import torch.distributed as dist
-
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(steps + 1):
-        for name, fn in fns.items():
-            dist.barrier()
-            start = time.perf_counter()
-            fn()
-            dist.barrier()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    slowest = torch.tensor([min(t) for t in times.values()], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return dict(zip(fns, slowest.tolist()))
 
 
 def worker(rank: int, world: int, preset_name: str, steps: int, out: str) -> None:
@@ -77,7 +58,7 @@ def worker(rank: int, world: int, preset_name: str, steps: int, out: str) -> Non
         parts: list[dict[str, float]] = []
         if mode == "owner":  # one more sequential step per round, its stages timed one by one
             fns["parts"] = lambda: parts.append(owner_stage_times(dualizers["sequential"], momenta, 1))
-        ms = {name: 1e3 * s for name, s in _interleaved_min(fns, steps).items() if name in VARIANTS}
+        ms = {name: 1e3 * s for name, s in interleaved_min(fns, steps).items() if name in VARIANTS}
         directions = {name: d(momenta) for name, d in dualizers.items()}
         report[mode] = {"buckets": len(plan.buckets), "ms": ms,
                         "bit_equal": all(torch.equal(a, b) for a, b in zip(*directions.values()))}

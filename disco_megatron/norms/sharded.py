@@ -319,11 +319,12 @@ def _exact_extremes(matrices: list[tuple[str, torch.Tensor, torch.Tensor, int | 
     views = [A.contiguous() for _, _, A, _ in matrices]
     mine = [i for i in range(len(matrices)) if owner[i] == rank]
     if world > 1:
-        sends = [[views[i].reshape(-1) for i in range(len(views)) if owner[i] == r] for r in range(world)]
-        flat = [torch.cat(s) if s else views[0].new_empty(0) for s in sends]
+        by_owner = sorted(range(len(views)), key=owner.__getitem__)  # grouped by destination, in order
+        send_counts = [sum(views[i].numel() for i in by_owner if owner[i] == r) for r in range(world)]
         numel = sum(views[i].numel() for i in mine)
         received = views[0].new_empty(world * numel)
-        dist.all_to_all_single(received, torch.cat(flat), [numel] * world, [f.numel() for f in flat], group=group)
+        dist.all_to_all_single(received, torch.cat([views[i].reshape(-1) for i in by_owner]), [numel] * world,
+                               send_counts, group=group)
         by_rank = [r.split([views[i].numel() for i in mine]) for r in received.split([numel] * world)]
         wholes = {i: torch.cat([by_rank[r][j].view(views[i].shape) for r in range(world)])
                   for j, i in enumerate(mine)}

@@ -150,6 +150,11 @@ def write_piece(tensor: Tensor, matrix: LogicalMatrix, piece: Tensor, start: int
         offset += b - a
 
 
+def _bucket_dtype(bucket: Bucket, tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype a bucket's pieces of ``tensors`` travel in: promoted over its parameters' dtypes."""
+    return functools.reduce(torch.promote_types, {tensors[e.param].dtype for e in bucket.entries})
+
+
 class Pending(Generic[T]):
     """A stage whose collective may still be in flight: :meth:`wait` blocks on it, then unpacks the
     received buffers. Synchronous (``work`` None): unpacked at once, so the stage's whole cost lies
@@ -326,7 +331,7 @@ class DistributedDualizer:
                 sends[owner].append(piece_of(tensors[entry.param], entry.matrix).reshape(-1))
         owned = bucket.owners.count(me)
         peers = [s for s, (_, dp) in enumerate(slots) if dp == my_dp]
-        dtype = functools.reduce(torch.promote_types, {tensors[e.param].dtype for e in bucket.entries})
+        dtype = _bucket_dtype(bucket, tensors)
         received = self._all_to_all(sends, [owned * numel if s in peers else 0 for s in range(len(slots))], dtype)
 
         def wholes(parts: list[Tensor]) -> list[Tensor]:
@@ -347,7 +352,7 @@ class DistributedDualizer:
         numel = math.prod(piece_shape)
         chunks = [r.chunk(bucket.split, dim=bucket.concat_dim) for r in results]
         sends = [[c[tp % bucket.split].reshape(-1) for c in chunks] for tp, _ in slots]
-        dtype = functools.reduce(torch.promote_types, {targets[e.param].dtype for e in bucket.entries})
+        dtype = _bucket_dtype(bucket, targets)
         received = self._all_to_all(sends, [bucket.owners.count(s) * numel for s in range(len(slots))], dtype)
 
         def write(parts: list[Tensor]) -> None:

@@ -19,18 +19,15 @@ from disco_megatron.optim.plan import ExchangePlan
 
 @dataclass(frozen=True)
 class StatePiece:
-    """One block of a logical matrix's global state tensor held by this rank.
-
-    ``rows``: the rows of this rank's piece it covers (a row block), None for the whole piece
-    (replicated) or, with ``whole``, the whole matrix (a sharded owner). ``fragments``: the
-    regular grid of the blocks (None: uneven row blocks). ``replica``: (TP copy, DP copy); a
-    piece is saved from the rank whose replica is (0, 0).
+    """One block of a logical matrix's global state tensor held by this rank: this rank's TP piece
+    (replicated), the whole matrix (a sharded owner) or a row block of a TP piece (sharded vocab
+    rows), placed by ``global_offset`` and ``local_shape``. ``fragments``: the regular grid of the
+    blocks (None: uneven row blocks). ``replica``: (TP copy, DP copy); a piece is saved from the
+    rank whose replica is (0, 0).
     """
 
     param: int
     matrix: LogicalMatrix
-    whole: bool
-    rows: tuple[int, int] | None
     global_offset: tuple[int, ...]
     local_shape: tuple[int, ...]
     fragments: tuple[int, ...] | None
@@ -52,7 +49,7 @@ def _tp_piece(param: int, layout: ParamLayout, matrix: LogicalMatrix, tp_size: i
     fragments = [1] * len(shape)
     fragments[matrix.concat_dim] = split
     tp_copy = tp_rank if layout.partition_dim is None else 0
-    return StatePiece(param, matrix, False, None, tuple(offset), tuple(shape), tuple(fragments), (tp_copy, dp_rank))
+    return StatePiece(param, matrix, tuple(offset), tuple(shape), tuple(fragments), (tp_copy, dp_rank))
 
 
 def state_pieces(plan: ExchangePlan, layouts: Sequence[ParamLayout], *, tp_rank: int, dp_rank: int,
@@ -66,7 +63,7 @@ def state_pieces(plan: ExchangePlan, layouts: Sequence[ParamLayout], *, tp_rank:
         for entry, owner in zip(bucket.entries, bucket.owners):
             if owner == slot:
                 m = entry.matrix
-                pieces.append(StatePiece(entry.param, m, True, None, (0,) * len(m.shape), m.shape,
+                pieces.append(StatePiece(entry.param, m, (0,) * len(m.shape), m.shape,
                                          (1,) * len(m.shape), (0, 0)))
     for blocks in plan.row_blocks:
         rows = blocks.rows_of(slot)
@@ -75,7 +72,7 @@ def state_pieces(plan: ExchangePlan, layouts: Sequence[ParamLayout], *, tp_rank:
         m = blocks.entry.matrix
         piece_rows = m.shape[0] // _split(m, plan.tp_size)
         start = (tp_rank % _split(m, plan.tp_size)) * piece_rows + rows[0]
-        pieces.append(StatePiece(blocks.entry.param, m, False, rows, (start,) + (0,) * (len(m.shape) - 1),
+        pieces.append(StatePiece(blocks.entry.param, m, (start,) + (0,) * (len(m.shape) - 1),
                                  (rows[1] - rows[0], *m.shape[1:]), None, (0, 0)))
     return pieces
 

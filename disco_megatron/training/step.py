@@ -74,7 +74,6 @@ def make_forward_step(poison: bool = False):
     return forward_step
 
 
-
 def reduce_mean_loss(losses: list, info: ParallelInfo) -> Optional[float]:
     """Average of the microbatch losses over DP, known on the last stage (None elsewhere)."""
     from megatron.core import parallel_state as ps
